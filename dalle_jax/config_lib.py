@@ -1,0 +1,92 @@
+"""The parts every config shares, and the checks that turn bad values into one-line errors.
+
+Configs in `configs/` start from `base_config()` and change what their stage needs; the
+entrypoints lock them, so an override of a key that does not exist fails and names the key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from dalle_jax.data.augment import SQUARE_CROPS
+
+# The sharding vocabulary: logical dimension names -> mesh axes. The batch is split over the
+# data-parallel and the FSDP axes; weights are split over FSDP on their `embed` dimension
+# and over the tensor axis on heads / MLP / vocabulary (Megatron-style).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("height", None),
+    ("width", None),
+    ("channels", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_shapes"  # or "caption_folder", or a TFDS catalog name
+    c.data.data_dir = ""  # "" = TFDS's default (~/tensorflow_datasets)
+    c.data.folder = ""  # caption_folder: the folder of captioned images
+    c.data.folder_max_side = 512  # caption_folder: shorter side stored at most this (0 = as is)
+    c.data.shapes = ml_collections.ConfigDict(  # synthetic_shapes' builder config; 0 = default
+        dict(image_size=32, num_train=0, num_validation=0, num_heldout=0, seed=0))
+    c.data.image_key = "image"
+    c.data.caption_key = "caption"  # nested features as "captions/text"
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.image_size = 32  # side of the images the models see
+    c.data.batch_size = 32  # global, over all hosts
+    c.data.augment = ml_collections.ConfigDict(
+        dict(square="center", min_scale=1.0, max_scale=1.125, flip=False))
+    c.data.workers = 0  # Grain worker processes per host (0 = in the main process)
+    c.data.read_threads = 8
+    c.data.prefetch = 2  # global batches assembled ahead of the step
+
+    c.text = ml_collections.ConfigDict()
+    c.text.length = 32  # tokens per caption, begin and end tokens included
+    c.text.vocab_size = 128
+    c.text.tokenizer = ""  # "" = <workdir>/tokenizer.model, trained on first use
+    c.text.bpe_dropout = 0.0
+    c.text.max_training_captions = 1_000_000
+
+    c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
+    c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=0, process_id=-1,
+        cpu_collectives=""))  # "gloo" for multi-process runs on CPU devices
+
+    c.report_batches = 20  # train.py, until the models exist: batches timed in the report
+    return c
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line ValueError naming the first bad value."""
+    data, text, aug = config.data, config.text, config.data.augment
+    _check(data.image_size > 0, f"config.data.image_size={data.image_size} must be positive")
+    _check(data.batch_size > 0, f"config.data.batch_size={data.batch_size} must be positive")
+    _check(aug.square in SQUARE_CROPS,
+           f"config.data.augment.square={aug.square!r} must be one of {SQUARE_CROPS}")
+    _check(0 < aug.min_scale <= aug.max_scale,
+           f"config.data.augment min_scale={aug.min_scale} / max_scale={aug.max_scale} must "
+           "satisfy 0 < min_scale <= max_scale")
+    _check(data.workers >= 0, f"config.data.workers={data.workers} must be >= 0")
+    _check(data.read_threads > 0, f"config.data.read_threads={data.read_threads} must be positive")
+    _check(text.length >= 2, f"config.text.length={text.length} cannot hold begin and end tokens")
+    _check(text.vocab_size >= 8, f"config.text.vocab_size={text.vocab_size} must be at least 8")
+    _check(0.0 <= text.bpe_dropout < 1.0,
+           f"config.text.bpe_dropout={text.bpe_dropout} must be in [0, 1)")
+    _check(len(config.mesh.axes) == len(config.mesh.shape),
+           f"config.mesh.shape {tuple(config.mesh.shape)} and config.mesh.axes "
+           f"{tuple(config.mesh.axes)} differ in length")

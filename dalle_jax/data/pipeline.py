@@ -1,0 +1,194 @@
+"""The input pipeline: TFDS ArrayRecord -> this host's shard -> augment -> tokenize -> global batches.
+
+Grain reads the records: its index sampler gives each process a disjoint part of the split and
+derives every example's random generator from (seed, record), so the batches do not depend on
+the number of worker processes, and its iterator state is a small JSON blob that resumes the
+stream exactly. The last stage assembles every host's examples into one `jax.Array` sharded over
+the mesh's batch axes, a few batches ahead of the training step.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Iterator
+
+import grain.python as grain
+import jax
+import numpy as np
+
+from dalle_jax.data import augment, sources
+from dalle_jax.sharding import logical
+from dalle_jax.text.tokenizer import Tokenizer
+
+
+class PrepareExample(grain.RandomMapTransform):
+    """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}."""
+
+    def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
+        self.data_config = data_config
+        self.tokenizer = tokenizer
+        self.text_length = text_config.length
+        self.bpe_dropout = text_config.bpe_dropout if training else 0.0
+        self.training = training
+
+    def random_map(self, record, rng: np.random.Generator):
+        cfg = self.data_config
+        image, caption = sources.image_and_caption(record, cfg, rng if self.training else None)
+        if self.training:
+            aug = cfg.augment
+            image = augment.augment(image, cfg.image_size, rng, square=aug.square,
+                                    min_scale=aug.min_scale, max_scale=aug.max_scale,
+                                    flip=aug.flip)
+        else:
+            image = augment.center_view(image, cfg.image_size)
+        text = self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
+                                     seed=int(rng.integers(2**31)))
+        return {"image": image, "text": text, "mask": np.bool_(True)}
+
+
+def host_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"config.data.batch_size={global_batch} does not divide by the "
+                         f"{process_count} processes")
+    return global_batch // process_count
+
+
+def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
+                process_index: int | None = None, process_count: int | None = None,
+                source=None) -> grain.DataLoader:
+    """The Grain loader of this process's part of `split`, yielding host-local batches.
+
+    Training streams shuffle forever; evaluation streams read their shard once, in order,
+    with a smaller last batch (padded later, see `pad_batch`).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    data = config.data
+    if source is None:
+        source = sources.data_source(sources.prepared_builder(data), split)
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        # drop_remainder gives every host the same number of records, hence of batches:
+        # a host that ran out early would hang the others' collectives.
+        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
+        shuffle=training,
+        num_epochs=None if training else 1,
+        seed=config.seed,
+    )
+    batch = grain.Batch(host_batch_size(data.batch_size, process_count),
+                        drop_remainder=training)
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[PrepareExample(data, config.text, tokenizer, training), batch],
+        worker_count=data.workers,
+        worker_buffer_size=2,
+        read_options=grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=64),
+    )
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+    """A short last evaluation batch filled up to `size` with masked-out zeros."""
+    missing = size - len(batch["mask"])
+    if missing == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
+
+
+class GlobalBatches:
+    """Iterates global, mesh-sharded batches, prefetched on a background thread.
+
+    `get_state()` describes the position after the last batch *returned*, not after the ones
+    waiting in the prefetch queue, so a checkpoint taken between steps resumes with exactly the
+    batch the step after it would have seen.
+    """
+
+    def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh, rules,
+                 host_batch: int, prefetch: int = 2):
+        self._loader = loader
+        self._mesh = mesh
+        self._rules = rules
+        self._host_batch = host_batch
+        self._prefetch = max(1, prefetch)
+        self._iterator = iter(loader)
+        self._state = self._iterator.get_state()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _produce(self, q: queue.Queue, stop: threading.Event):
+        try:
+            for local in self._iterator:
+                state = self._iterator.get_state()
+                global_batch = logical.shard_batch(pad_batch(local, self._host_batch),
+                                                   self._mesh, self._rules)
+                while not stop.is_set():
+                    try:
+                        q.put((global_batch, state), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(StopIteration())
+        except BaseException as e:  # Surface input errors in the training thread.
+            q.put(e)
+
+    def _start(self):
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self._prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop),
+                                        daemon=True, name="global-batches")
+        self._thread.start()
+
+    def close(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # Later calls keep raising instead of blocking.
+            raise item
+        batch, self._state = item
+        return batch
+
+    def get_state(self) -> bytes:
+        return self._state
+
+    def set_state(self, state: bytes) -> None:
+        """Repositions the stream; batches already prefetched are discarded."""
+        self.close()
+        self._iterator.set_state(state)
+        self._state = state
+
+
+def global_batches(config, split: str, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, *,
+                   training: bool) -> GlobalBatches:
+    loader = make_loader(config, split, tokenizer, training=training)
+    return GlobalBatches(loader, mesh, config.sharding.rules,
+                         host_batch_size(config.data.batch_size, jax.process_count()),
+                         prefetch=config.data.prefetch)
+
+
+def measure_throughput(batches: Iterator, num_batches: int, warmup: int = 2) -> dict:
+    """Examples per second over `num_batches` after `warmup` (start-up is not throughput)."""
+    for _ in range(warmup):
+        jax.block_until_ready(next(batches))
+    start = time.perf_counter()
+    examples = 0
+    for _ in range(num_batches):
+        batch = jax.block_until_ready(next(batches))
+        examples += int(batch["mask"].shape[0])
+    seconds = time.perf_counter() - start
+    return {"batches": num_batches, "examples": examples, "seconds": seconds,
+            "examples_per_second": examples / seconds}

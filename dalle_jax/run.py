@@ -1,0 +1,94 @@
+"""What every entrypoint does before its real work: mesh, data, tokenizer, a workdir record."""
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from dalle_jax import config_lib
+from dalle_jax.data import pipeline, sources
+from dalle_jax.sharding import logical, mesh as mesh_lib
+from dalle_jax.text import tokenizer as tokenizer_lib
+
+T = TypeVar("T")
+
+
+def first_process_then_all(name: str, make: Callable[[], T], load: Callable[[], T]) -> T:
+    """Process 0 makes a shared artefact (a data set, a tokenizer); the others wait, then load it.
+
+    Several hosts building into one bucket at once would race on the same files.
+    """
+    if jax.process_count() == 1:
+        return make()
+    if jax.process_index() == 0:
+        make()
+    multihost_utils.sync_global_devices(name)
+    return load()
+
+
+def tokenizer_path(config, workdir: str) -> str:
+    return config.text.tokenizer or os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
+
+
+def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer; trained on the training split's captions when the workdir has none."""
+    path = tokenizer_path(config, workdir)
+
+    def make():
+        if os.path.exists(path) or config.text.tokenizer:
+            return tokenizer_lib.Tokenizer(path)  # An explicit path must exist: no silent retrain.
+        logging.info("training a %d-piece tokenizer on %s captions -> %s",
+                     config.text.vocab_size, config.data.train_split, path)
+        captions = sources.captions(config.data, config.data.train_split,
+                                    limit=config.text.max_training_captions)
+        return tokenizer_lib.train_tokenizer(captions, config.text.vocab_size, path)
+
+    return first_process_then_all("tokenizer", make, lambda: tokenizer_lib.Tokenizer(path))
+
+
+def write_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def setup(config, workdir: str):
+    """Validates the config, joins the other hosts, builds mesh, data set and tokenizer."""
+    config_lib.validate(config)
+    mesh_lib.initialize_distributed(config)
+    mesh = mesh_lib.build_mesh(config.mesh)
+    logical.validate_rules(config.sharding.rules, mesh.axis_names)
+    ways = logical.batch_axis_size(mesh, config.sharding.rules)
+    if config.data.batch_size % ways:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} does not divide "
+                         f"over the {ways} batch shards of mesh {dict(mesh.shape)}")
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
+    first_process_then_all("data", lambda: sources.prepared_builder(config.data),
+                           lambda: sources.prepared_builder(config.data))
+    tokenizer = load_or_train_tokenizer(config, workdir)
+    return mesh, tokenizer
+
+
+def input_report(config, workdir: str) -> dict:
+    """A batch's shapes and sharding and the pipeline's throughput for `config`."""
+    mesh, tokenizer = setup(config, workdir)
+    batches = pipeline.global_batches(config, config.data.train_split, mesh, tokenizer,
+                                      training=True)
+    try:
+        first = next(batches)
+        throughput = pipeline.measure_throughput(batches, config.report_batches)
+    finally:
+        batches.close()
+    return {
+        "mesh": dict(mesh.shape),
+        "tokenizer": {"path": tokenizer.path, "vocab_size": tokenizer.vocab_size},
+        "batch": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                      "sharding": str(v.sharding.spec)} for k, v in first.items()},
+        "first_caption": tokenizer.decode(jax.device_get(
+            first["text"].addressable_shards[0].data[0])),
+        "throughput": throughput,
+    }

@@ -1,0 +1,83 @@
+"""Configs: command-line overrides, misspelled keys, and value checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from dalle_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [f for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith(".py")]
+
+
+def parse(*overrides):
+    """Parses flags exactly as train.py defines them, in a private FlagValues."""
+    argv = ["train.py", f"--config={os.path.join(ROOT, 'configs', 'mini.py')}", *overrides]
+    values = flags.FlagValues()
+    # The override flags are found in `sys_argv` (sys.argv by default) when --config is defined.
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_override_changes_only_the_named_values():
+    default = parse()
+    config = parse("--config.data.batch_size=64", "--config.mesh.shape=(2,4,1)",
+                   "--config.data.augment.flip=True")
+    assert (config.data.batch_size, tuple(config.mesh.shape), config.data.augment.flip) == (
+        64, (2, 4, 1), True)
+    config.data.batch_size, config.mesh.shape, config.data.augment.flip = (
+        default.data.batch_size, default.mesh.shape, default.data.augment.flip)
+    assert config.to_dict() == default.to_dict()
+
+
+def test_misspelled_key_is_an_error_that_names_it():
+    with pytest.raises(Exception, match="batch_sise"):
+        parse("--config.data.batch_sise=64")
+
+
+def test_misspelled_key_on_the_command_line_fails_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/mini.py", "--workdir", str(tmp_path),
+         "--config.data.imagesize=64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "imagesize" in result.stderr
+    assert not os.listdir(tmp_path)  # Nothing half written.
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_and_validates(name):
+    argv = ["x", f"--config={os.path.join(ROOT, 'configs', name)}"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    values(argv)
+    config_lib.validate(values.config)
+
+
+@pytest.mark.parametrize("override, culprit", [
+    (("data", "batch_size", 0), "config.data.batch_size=0"),
+    (("data", "image_size", -32), "config.data.image_size=-32"),
+    (("text", "length", 1), "config.text.length=1"),
+    (("text", "bpe_dropout", 1.5), "config.text.bpe_dropout=1.5"),
+    (("data", "workers", -1), "config.data.workers=-1"),
+])
+def test_bad_values_get_a_one_line_error_naming_them(override, culprit):
+    config = parse()
+    section, key, value = override
+    with config.unlocked():
+        config[section][key] = value
+    with pytest.raises(ValueError) as info:
+        config_lib.validate(config)
+    assert culprit in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_augmentation_is_named():
+    config = parse("--config.data.augment.square=diagonal")
+    with pytest.raises(ValueError, match="config.data.augment.square='diagonal'"):
+        config_lib.validate(config)

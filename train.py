@@ -1,0 +1,26 @@
+"""Trains a stage of DALL·E: `python train.py --config configs/<x>.py --workdir DIR`.
+
+Until the models land, this builds the mesh and the input pipeline for the config and reports
+a batch's shapes, sharding and the pipeline's throughput.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for this run's tokenizer, logs and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from dalle_jax import run  # After flag parsing: --help stays fast.
+
+    report = run.input_report(flags.FLAGS.config, flags.FLAGS.workdir)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
