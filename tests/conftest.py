@@ -27,3 +27,33 @@ def _hide_gpus_from_tensorflow():
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # TF absent or already initialised: nothing to hide.
         pass
+
+
+@pytest.fixture(scope="session")
+def mini_config(tmp_path_factory):
+    """configs/mini.py on a small synthetic_shapes build shared by the whole session.
+
+    Returns a function giving a fresh, unlocked copy, so tests can change it freely.
+    """
+    import importlib.util
+
+    from dalle_jax.data import sources
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("mini", os.path.join(root, "configs", "mini.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.data.shapes.num_train = 300
+    config.data.shapes.num_validation = 100
+    config.data.shapes.num_heldout = 60
+    sources.prepared_builder(config.data)
+    return lambda: config.copy_and_resolve_references()
+
+
+@pytest.fixture(scope="session")
+def mini_tokenizer(mini_config, tmp_path_factory):
+    from dalle_jax import run
+
+    return run.load_or_train_tokenizer(mini_config(), str(tmp_path_factory.mktemp("run")))

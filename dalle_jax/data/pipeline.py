@@ -1,9 +1,9 @@
 """The input pipeline: TFDS ArrayRecord -> this host's shard -> augment -> tokenize -> global batches.
 
-Grain reads the records: its index sampler gives each process a disjoint part of the split and
-derives every example's random generator from (seed, record), so the batches do not depend on
-the number of worker processes, and its iterator state is a small JSON blob that resumes the
-stream exactly. The last stage assembles every host's examples into one `jax.Array` sharded over
+Grain's dataset API reads the records: each process takes a disjoint slice of the split, every
+example's random generator derives from (seed, position in the stream), so the batches do not
+depend on the number of worker processes, and the iterator's state is a small dict that
+resumes the stream exactly. The last stage assembles every host's examples into one `jax.Array` sharded over
 the mesh's batch axes, a few batches ahead of the training step.
 """
 from __future__ import annotations
@@ -13,16 +13,17 @@ import threading
 import time
 from typing import Iterator
 
-import grain.python as grain
+import grain
 import jax
 import numpy as np
+from absl import flags
 
 from dalle_jax.data import augment, sources
 from dalle_jax.sharding import logical
 from dalle_jax.text.tokenizer import Tokenizer
 
 
-class PrepareExample(grain.RandomMapTransform):
+class PrepareExample(grain.transforms.RandomMap):
     """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}."""
 
     def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
@@ -56,36 +57,42 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
 
 def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
                 process_index: int | None = None, process_count: int | None = None,
-                source=None) -> grain.DataLoader:
-    """The Grain loader of this process's part of `split`, yielding host-local batches.
+                source=None) -> grain.IterDataset:
+    """This process's part of `split` as a Grain dataset of host-local batches.
 
-    Training streams shuffle forever; evaluation streams read their shard once, in order,
-    with a smaller last batch (padded later, see `pad_batch`).
+    Training streams reshuffle every epoch, forever; evaluation streams read their part once,
+    in order, with a smaller last batch (padded later, see `pad_batch`). Batches are formed
+    before the worker processes split the work, so the stream is the same for any number of
+    workers, and every example's random generator comes from (seed, position in the stream).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     data = config.data
     if source is None:
         source = sources.data_source(sources.prepared_builder(data), split)
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        # drop_remainder gives every host the same number of records, hence of batches:
-        # a host that ran out early would hang the others' collectives.
-        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
-        shuffle=training,
-        num_epochs=None if training else 1,
-        seed=config.seed,
-    )
-    batch = grain.Batch(host_batch_size(data.batch_size, process_count),
-                        drop_remainder=training)
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[PrepareExample(data, config.text, tokenizer, training), batch],
-        worker_count=data.workers,
-        worker_buffer_size=2,
-        read_options=grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=64),
-    )
+    dataset = grain.MapDataset.source(source)
+    # Every host takes the same number of records, hence of batches: a host that ran out
+    # early would hang the others' collectives.
+    usable = len(dataset) - len(dataset) % process_count
+    dataset = dataset[:usable][process_index::process_count]
+    if len(dataset) == 0:
+        raise ValueError(f"split {split!r} has {len(source)} examples, too few for "
+                         f"{process_count} processes")
+    if training:
+        dataset = dataset.shuffle(seed=config.seed).repeat(None)
+    dataset = dataset.random_map(PrepareExample(data, config.text, tokenizer, training),
+                                 seed=config.seed)
+    dataset = dataset.batch(host_batch_size(data.batch_size, process_count),
+                            drop_remainder=training)
+    iterable = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=64))
+    if data.workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags; outside an absl app (pytest, a
+            # notebook) they were never parsed, so take the defaults.
+            flags.FLAGS.mark_as_parsed()
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
+    return iterable
 
 
 def pad_batch(batch: dict, size: int) -> dict:
@@ -105,7 +112,7 @@ class GlobalBatches:
     batch the step after it would have seen.
     """
 
-    def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh, rules,
+    def __init__(self, loader: grain.IterDataset, mesh: jax.sharding.Mesh, rules,
                  host_batch: int, prefetch: int = 2):
         self._loader = loader
         self._mesh = mesh
@@ -162,10 +169,10 @@ class GlobalBatches:
         batch, self._state = item
         return batch
 
-    def get_state(self) -> bytes:
+    def get_state(self) -> dict:
         return self._state
 
-    def set_state(self, state: bytes) -> None:
+    def set_state(self, state: dict) -> None:
         """Repositions the stream; batches already prefetched are discarded."""
         self.close()
         self._iterator.set_state(state)

@@ -1,0 +1,182 @@
+"""The input pipeline: determinism, per-host shards, exact resume, global sharded batches."""
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from dalle_jax.data import augment, pipeline, sources
+from dalle_jax.sharding import mesh as mesh_lib
+
+
+def mesh_of(shape):
+    return mesh_lib.build_mesh(ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=shape)))
+
+
+def digest(image) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def take(loader_or_iterator, n):
+    iterator = iter(loader_or_iterator)
+    return [jax.device_get(next(iterator)) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def source_digests(config, split):
+    """Digests of every record's evaluation view, read straight from TFDS (the reference)."""
+    source = sources.data_source(sources.prepared_builder(config.data), split)
+    return [digest(augment.center_view(sources.as_rgb(source[i]["image"]), config.data.image_size))
+            for i in range(len(source))]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(mini_config, mini_tokenizer):
+    config = mini_config()
+    first = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    again = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    assert_same_batches(first, again)
+    config.seed = 1
+    other = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_batches_hold_tokenized_captions_of_their_images(mini_config, mini_tokenizer):
+    config = mini_config()
+    source = sources.data_source(sources.prepared_builder(config.data), "validation")
+    by_image = {digest(source[i]["image"]): sources.as_text(source[i]["caption"])
+                for i in range(len(source))}
+    batch = take(pipeline.make_loader(config, "validation", mini_tokenizer, training=False), 1)[0]
+    assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["text"].shape == (32, 32) and batch["text"].dtype == np.int32
+    for image, text in zip(batch["image"], batch["text"]):
+        assert mini_tokenizer.decode(text) == by_image[digest(image)]
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_host_shards_are_disjoint_and_cover_the_split(mini_config, mini_tokenizer, process_count):
+    config = mini_config()
+    config.data.batch_size = 12 * process_count  # 12 examples a host and batch.
+    reference = source_digests(config, "validation")
+    seen = []
+    for index in range(process_count):
+        loader = pipeline.make_loader(config, "validation", mini_tokenizer, training=False,
+                                      process_index=index, process_count=process_count)
+        host = [digest(image) for batch in loader for image in batch["image"]]
+        assert len(host) == len(reference) // process_count
+        seen.append(set(host))
+    for i in range(process_count):
+        for j in range(i + 1, process_count):
+            assert not seen[i] & seen[j]
+    covered = set().union(*seen)
+    # drop_remainder evens hosts out: fewer than `process_count` records may be left unread.
+    assert covered <= set(reference) and len(reference) - len(covered) < process_count
+
+
+def test_training_hosts_shuffle_disjoint_parts(mini_config, mini_tokenizer):
+    config = mini_config()
+    config.data.batch_size = 20
+    hosts = []
+    for index in range(2):
+        loader = pipeline.make_loader(config, "train", mini_tokenizer, training=True,
+                                      process_index=index, process_count=2)
+        # One epoch of a host's shard: 150 records = 15 batches of 10.
+        hosts.append([digest(im) for batch in take(loader, 15) for im in batch["image"]])
+    assert all(len(set(h)) == 150 for h in hosts)
+    assert not set(hosts[0]) & set(hosts[1])
+    assert set(hosts[0]) | set(hosts[1]) == set(source_digests(config, "train"))
+
+
+def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini_tokenizer):
+    config = mini_config()
+    in_process = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 4)
+    config.data.workers = 2
+    iterator = iter(pipeline.make_loader(config, "train", mini_tokenizer, training=True))
+    with_workers = take(iterator, 2)
+    state = iterator.get_state()
+    with_workers += take(iterator, 2)
+    assert_same_batches(in_process, with_workers)
+    iterator.set_state(state)
+    assert_same_batches(take(iterator, 2), in_process[2:])
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_resume_from_saved_state_gives_exactly_the_next_batch(mini_config, mini_tokenizer, prefetch):
+    config = mini_config()
+    config.data.prefetch = prefetch
+    config.text.bpe_dropout = 0.3
+    config.data.augment.flip = True
+    mesh = mesh_of((4, 2, 1))
+    batches = pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
+    take(batches, 4)
+    state = batches.get_state()
+    expected = take(batches, 3)
+    batches.close()
+
+    resumed = pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 3), expected)
+    resumed.close()
+
+
+def test_set_state_mid_stream_discards_prefetched_batches(mini_config, mini_tokenizer):
+    config = mini_config()
+    batches = pipeline.global_batches(config, "train", mesh_of((8, 1, 1)), mini_tokenizer,
+                                      training=True)
+    start = batches.get_state()
+    first = take(batches, 2)
+    batches.set_state(start)
+    assert_same_batches(take(batches, 2), first)
+    batches.close()
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_global_batch_lands_on_the_mesh_with_batch_sharding(mini_config, mini_tokenizer, shape):
+    config = mini_config()
+    mesh = mesh_of(shape)
+    batches = pipeline.global_batches(config, "validation", mesh, mini_tokenizer, training=False)
+    batch = next(batches)
+    batches.close()
+    host = jax.device_get(batch)
+    ways = shape[0] * shape[1]
+    for key, array in batch.items():
+        assert array.shape[0] == 32
+        assert array.sharding.spec == jax.P(("data", "fsdp"), *[None] * (array.ndim - 1))
+        assert len(array.addressable_shards) == 8
+        for shard in array.addressable_shards:
+            assert shard.data.shape[0] == 32 // ways
+            rows = shard.index[0]
+            np.testing.assert_array_equal(shard.data, host[key][rows])
+
+
+def test_evaluation_pads_the_last_batch_and_masks_it(mini_config, mini_tokenizer):
+    config = mini_config()  # 100 validation records, batches of 32: 3 full + 4 real rows.
+    batches = list(pipeline.global_batches(config, "validation", mesh_of((8, 1, 1)),
+                                           mini_tokenizer, training=False))
+    masks = [np.asarray(b["mask"]) for b in batches]
+    assert [int(m.sum()) for m in masks] == [32, 32, 32, 4]
+    assert not np.asarray(batches[-1]["image"])[4:].any()
+    real = [digest(im) for b, m in zip(batches, masks) for im in np.asarray(b["image"])[m]]
+    assert sorted(real) == sorted(source_digests(config, "validation"))
+
+
+def test_augmentation_views_stay_inside_the_image():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(40, 60, 3), dtype=np.uint8)
+    for _ in range(20):
+        view = augment.augment(image, 32, rng, square="random", min_scale=1.125, max_scale=1.5,
+                               flip=True)
+        assert view.shape == (32, 32, 3) and view.dtype == np.uint8
+    # A square image at the target size with scales capped by the crop is returned unchanged.
+    square = image[:32, :32]
+    np.testing.assert_array_equal(
+        augment.augment(square, 32, rng, square="center", min_scale=1.0, max_scale=1.125,
+                        flip=False), square)
+    np.testing.assert_array_equal(augment.square_crop(image, None), image[:, 10:50])
