@@ -3,7 +3,6 @@
 Until the models land, this builds the mesh and the input pipeline for the config and reports
 a batch's shapes, sharding and the pipeline's throughput.
 """
-import json
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,7 +18,14 @@ def main(argv):
     from dalle_jax import run  # After flag parsing: --help stays fast.
 
     report = run.input_report(flags.FLAGS.config, flags.FLAGS.workdir)
-    print(json.dumps(report, indent=2))
+    print(f"mesh {report['mesh']}, tokenizer {report['tokenizer']['path']} "
+          f"({report['tokenizer']['vocab_size']} pieces)")
+    for key, spec in report["batch"].items():
+        print(f"  batch[{key!r}]: {spec['dtype']}{spec['shape']} sharded {spec['sharding']}")
+    print(f"  first caption: {report['first_caption']!r}")
+    speed = report["throughput"]
+    print(f"input pipeline: {speed['examples_per_second']:.0f} examples/s "
+          f"({speed['examples']} examples in {speed['seconds']:.2f} s)")
 
 
 if __name__ == "__main__":

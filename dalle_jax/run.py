@@ -1,6 +1,7 @@
 """What every entrypoint does before its real work: mesh, data, tokenizer, a workdir record."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, TypeVar
 
@@ -83,8 +84,9 @@ def input_report(config, workdir: str) -> dict:
         throughput = pipeline.measure_throughput(batches, config.report_batches)
     finally:
         batches.close()
-    return {
+    report = {
         "mesh": dict(mesh.shape),
+        "processes": jax.process_count(),
         "tokenizer": {"path": tokenizer.path, "vocab_size": tokenizer.vocab_size},
         "batch": {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                       "sharding": str(v.sharding.spec)} for k, v in first.items()},
@@ -92,3 +94,7 @@ def input_report(config, workdir: str) -> dict:
             first["text"].addressable_shards[0].data[0])),
         "throughput": throughput,
     }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "input_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report

@@ -150,11 +150,22 @@ class GlobalBatches:
                                         daemon=True, name="global-batches")
         self._thread.start()
 
-    def close(self):
+    def _stop_thread(self):
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+    def close(self):
+        """Stops prefetching and Grain's worker processes; the iterator is done after this."""
+        self._stop_thread()
+        self._iterator.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __iter__(self):
         return self
@@ -174,7 +185,7 @@ class GlobalBatches:
 
     def set_state(self, state: dict) -> None:
         """Repositions the stream; batches already prefetched are discarded."""
-        self.close()
+        self._stop_thread()
         self._iterator.set_state(state)
         self._state = state
 
