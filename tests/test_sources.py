@@ -81,3 +81,35 @@ def test_unprepared_catalog_set_says_how_to_build_it(mini_config, tmp_path, monk
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(FileNotFoundError, match="coco_captions.*tfds build coco_captions"):
         sources.prepared_builder(config.data)
+
+
+def test_caption_folder_through_the_pipeline_with_split_slices(mini_config, mini_tokenizer,
+                                                               tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        size = (40 + 7 * i, 36 + 3 * i)
+        Image.fromarray(rng.integers(0, 255, size[::-1] + (3,), dtype=np.uint8)).save(
+            folder / f"p{i}.png")
+        colour, shape = ["red", "green", "blue", "cyan", "yellow"][i % 5], ["circle", "square"][i // 5]
+        (folder / f"p{i}.txt").write_text(f"a {colour} {shape}" if i != 3 else "  ")
+    config = mini_config()
+    config.data.name = "caption_folder"
+    config.data.folder = str(folder)
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.batch_size = 4
+    config.data.augment.update(dict(square="random", min_scale=1.125, max_scale=1.5, flip=True))
+    builder = sources.prepared_builder(config.data)
+    assert builder.info.splits["train"].num_examples == 9  # The blank caption is skipped.
+    head = sources.data_source(builder, "train[:5]")
+    tail = sources.data_source(builder, "train[5:]")
+    assert (len(head), len(tail)) == (5, 4)
+    batch = next(iter(pipeline.make_loader(config, "train[5:]", mini_tokenizer, training=True)))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    tail_captions = {sources.as_text(tail[i]["caption"]) for i in range(len(tail))}
+    decoded = {mini_tokenizer.decode(t) for t in batch["text"]}
+    normalised = {mini_tokenizer.decode(mini_tokenizer.encode(c, 32)) for c in tail_captions}
+    assert decoded <= normalised and len(decoded) == 4
