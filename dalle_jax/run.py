@@ -47,7 +47,12 @@ def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
                                     limit=config.text.max_training_captions)
         return tokenizer_lib.train_tokenizer(captions, config.text.vocab_size, path)
 
-    return first_process_then_all("tokenizer", make, lambda: tokenizer_lib.Tokenizer(path))
+    tokenizer = first_process_then_all("tokenizer", make, lambda: tokenizer_lib.Tokenizer(path))
+    if tokenizer.vocab_size > config.text.vocab_size:
+        # Its ids would index past the text embedding of a model sized by the config.
+        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} pieces, more than "
+                         f"config.text.vocab_size={config.text.vocab_size}")
+    return tokenizer
 
 
 def write_config(config, workdir: str) -> None:
