@@ -1,5 +1,6 @@
 """The input pipeline: determinism, per-host shards, exact resume, global sharded batches."""
 import hashlib
+import json
 
 import jax
 import numpy as np
@@ -100,7 +101,7 @@ def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini
     config.data.workers = 2
     iterator = iter(pipeline.make_loader(config, "train", mini_tokenizer, training=True))
     with_workers = take(iterator, 2)
-    state = iterator.get_state()
+    state = json.loads(json.dumps(iterator.get_state()))
     with_workers += take(iterator, 2)
     assert_same_batches(in_process, with_workers)
     iterator.set_state(state)
@@ -116,7 +117,8 @@ def test_resume_from_saved_state_gives_exactly_the_next_batch(mini_config, mini_
     mesh = mesh_of((4, 2, 1))
     batches = pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
     take(batches, 4)
-    state = batches.get_state()
+    # Checkpoints store the state as JSON, so it must survive the trip.
+    state = json.loads(json.dumps(batches.get_state()))
     expected = take(batches, 3)
     batches.close()
 
