@@ -182,3 +182,27 @@ def test_augmentation_views_stay_inside_the_image():
         augment.augment(square, 32, rng, square="center", min_scale=1.0, max_scale=1.125,
                         flip=False), square)
     np.testing.assert_array_equal(augment.square_crop(image, None), image[:, 10:50])
+
+
+def test_an_input_error_reaches_the_training_thread(mini_config, mini_tokenizer):
+    config = mini_config()
+    config.data.batch_size = 4
+    good = {"image": np.zeros((32, 32, 3), np.uint8), "caption": b"a red circle"}
+
+    class Broken:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            if index == 9:
+                raise OSError("record 9 is unreadable")
+            return good
+
+    loader = pipeline.make_loader(config, "train", mini_tokenizer, training=False,
+                                  source=Broken())
+    batches = pipeline.GlobalBatches(loader, mesh_of((4, 1, 2)), config.sharding.rules, 4)
+    take(batches, 2)
+    for _ in range(2):  # It keeps raising rather than hanging.
+        with pytest.raises(OSError, match="record 9"):
+            next(batches)
+    batches.close()

@@ -125,23 +125,28 @@ class GlobalBatches:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    @staticmethod
+    def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+        """Waits for room in the queue unless asked to stop; False when stopped."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, q: queue.Queue, stop: threading.Event):
         try:
             for local in self._iterator:
                 state = self._iterator.get_state()
                 global_batch = logical.shard_batch(pad_batch(local, self._host_batch),
                                                    self._mesh, self._rules)
-                while not stop.is_set():
-                    try:
-                        q.put((global_batch, state), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(q, stop, (global_batch, state)):
                     return
-            q.put(StopIteration())
+            self._put(q, stop, StopIteration())
         except BaseException as e:  # Surface input errors in the training thread.
-            q.put(e)
+            self._put(q, stop, e)
 
     def _start(self):
         self._stop = threading.Event()
