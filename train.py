@@ -4,8 +4,12 @@ Until the models land, this builds the mesh and the input pipeline for the confi
 a batch's shapes, sharding and the pipeline's throughput.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves TFDS only: keep it quiet.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                 lock_config=True)
