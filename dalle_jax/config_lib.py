@@ -23,6 +23,10 @@ DEFAULT_RULES = (
     ("height", None),
     ("width", None),
     ("channels", None),
+    # Convolution kernels (the dVAE): FSDP splits their output channels.
+    ("conv_window", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
 )
 
 
@@ -63,6 +67,34 @@ def base_config() -> ml_collections.ConfigDict:
         cpu_collectives=""))  # "gloo" for multi-process runs on CPU devices
 
     c.report_batches = 20  # train.py, until the models exist: batches timed in the report
+
+    # Which model family the loop trains ("dvae", later "dalle", "clip"); each task adds its
+    # own `model` and `task` sections in its config files.
+    c.task = ml_collections.ConfigDict(dict(name=""))
+    c.model = ml_collections.ConfigDict()
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4,
+        schedule="cosine",  # "cosine", "linear" or "constant", after `warmup_steps`
+        warmup_steps=0,
+        end_learning_rate=0.0,  # where cosine / linear schedules end, at train.steps
+        b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=1e-4,
+        clip_norm=1.0,  # global gradient-norm clip; 0 = off
+        ema_decay=0.999,  # EMA of the parameters; 0 = off
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        grad_accum=1,  # micro-batches per step (the batch is split, gradients averaged)
+        compute_dtype="float32",  # "bfloat16" on accelerators: bf16 compute, fp32 parameters
+        log_every=50,
+        eval_every=500,
+        eval_batches=0,  # 0 = the whole evaluation split
+        images_every=500,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        max_nonfinite_in_row=10,  # skipped non-finite steps in a row before the run stops
+    ))
     return c
 
 
