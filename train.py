@@ -1,7 +1,9 @@
 """Trains a stage of DALL·E: `python train.py --config configs/<x>.py --workdir DIR`.
 
-Until the models land, this builds the mesh and the input pipeline for the config and reports
-a batch's shapes, sharding and the pipeline's throughput.
+The config's `task.name` says which model (e.g. `configs/dvae_mini.py` trains the dVAE);
+restarting with the same workdir resumes from its latest checkpoint. A config without a task
+(`configs/mini.py`) builds the mesh and the input pipeline and reports a batch's shapes,
+sharding and the pipeline's throughput.
 """
 
 import os
@@ -21,7 +23,15 @@ def main(argv):
     del argv
     from dalle_jax import run  # After flag parsing: --help stays fast.
 
-    report = run.input_report(flags.FLAGS.config, flags.FLAGS.workdir)
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config.task.name:
+        from dalle_jax.training import loop
+
+        state = loop.train(config, workdir)
+        print(f"trained {config.task.name} to step {int(state.step)}; logs, image grids and "
+              f"checkpoints are in {workdir}")
+        return
+    report = run.input_report(config, workdir)
     print(f"mesh {report['mesh']}, tokenizer {report['tokenizer']['path']} "
           f"({report['tokenizer']['vocab_size']} pieces)")
     for key, spec in report["batch"].items():

@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.bpe_dropout = 0.0
     c.text.max_training_captions = 1_000_000
 
-    c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1)))
+    c.mesh = ml_collections.ConfigDict(dict(
+        axes=("data", "fsdp", "tensor"), shape=(-1, 1, 1),
+        num_devices=0))  # use the first N devices only (0 = all), e.g. to compare with fewer
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
     c.distributed = ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address="", num_processes=0, process_id=-1,

@@ -8,6 +8,7 @@ the mesh's batch axes, a few batches ahead of the training step.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -109,7 +110,8 @@ class GlobalBatches:
 
     `get_state()` describes the position after the last batch *returned*, not after the ones
     waiting in the prefetch queue, so a checkpoint taken between steps resumes with exactly the
-    batch the step after it would have seen.
+    batch the step after it would have seen. The state is JSON bytes, the form Grain's Orbax
+    checkpoint handler (`grain.checkpoint.CheckpointSave/Restore`) stores per process.
     """
 
     def __init__(self, loader: grain.IterDataset, mesh: jax.sharding.Mesh, rules,
@@ -120,7 +122,7 @@ class GlobalBatches:
         self._host_batch = host_batch
         self._prefetch = max(1, prefetch)
         self._iterator = iter(loader)
-        self._state = self._iterator.get_state()
+        self._state = self._iterator.get_state()  # Grain's state: a JSON-able dict.
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -176,8 +178,7 @@ class GlobalBatches:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        if self._thread is None:
-            self._start()
+        self.start_prefetch()
         item = self._queue.get()
         if isinstance(item, BaseException):
             self._queue.put(item)  # Later calls keep raising instead of blocking.
@@ -185,14 +186,19 @@ class GlobalBatches:
         batch, self._state = item
         return batch
 
-    def get_state(self) -> dict:
-        return self._state
+    def get_state(self) -> bytes:
+        return json.dumps(self._state).encode()
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: bytes) -> None:
         """Repositions the stream; batches already prefetched are discarded."""
         self._stop_thread()
-        self._iterator.set_state(state)
-        self._state = state
+        self._state = json.loads(state)
+        self._iterator.set_state(self._state)
+
+    def start_prefetch(self) -> None:
+        """Starts assembling batches ahead (Grain's checkpoint handler calls it on restore)."""
+        if self._thread is None:
+            self._start()
 
 
 def global_batches(config, split: str, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, *,

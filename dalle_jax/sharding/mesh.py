@@ -59,6 +59,12 @@ def build_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.
     logical-axis rules would act as assertions instead of hints.
     """
     devices = list(devices) if devices is not None else jax.devices()
+    wanted = mesh_config.get("num_devices", 0)
+    if wanted:
+        if wanted > len(devices):
+            raise ValueError(f"config.mesh.num_devices={wanted} but only {len(devices)} "
+                             "devices are available")
+        devices = devices[:wanted]
     axes = tuple(mesh_config.axes)
     shape = resolve_mesh_shape(tuple(mesh_config.shape), axes, len(devices))
     return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes),

@@ -1,0 +1,203 @@
+"""The one training loop: every model (dVAE, transformer, CLIP) trains here through a Task."""
+from __future__ import annotations
+
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from dalle_jax import run, tasks
+from dalle_jax.data import pipeline
+from dalle_jax.training import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
+from dalle_jax.training import state as state_lib
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+class Preemption:
+    """Turns SIGTERM (a pod's preemption notice) into a request to checkpoint and stop.
+
+    With several processes every host must stop at the same step, so JAX's own preemption
+    sync point (fed by the coordination service) decides there.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def flops_per_step(compiled) -> float:
+    """FLOPs of one compiled step (per device), from XLA's cost analysis; 0 if unknown."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # Some backends do not implement it.
+        return 0.0
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def _sum_trees(a, b):
+    return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+class Trainer:
+    """Compiled steps and the data for one run; `train()` below is the entry point."""
+
+    def __init__(self, config, workdir: str, task=None):
+        self.config, self.workdir = config, workdir
+        self.mesh, self.tokenizer = run.setup(config, workdir)
+        self.task = tasks.get_task(config) if task is None else task
+        self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
+        self.rules = tuple(config.sharding.rules)
+        self.graphdef, self.abstract_state, self._init = state_lib.plan_train_state(
+            self.task, self.tx, self.mesh, self.rules, seed=config.seed,
+            ema=config.optimizer.ema_decay > 0)
+        self.shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        self._train_step = step_lib.make_train_step(self.task, self.tx, self.schedule,
+                                                    self.graphdef, config)
+        self.compiled_train_step = None
+        self.flops_per_step = 0.0
+
+    def _under_mesh(self, fn):
+        """`fn` jit-compiled, called with the mesh and rules active (they apply while tracing)."""
+        jitted, mesh, rules = jax.jit(fn), self.mesh, self.rules
+
+        def call(*args):
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+                return jitted(*args)
+
+        return call
+
+    def compile_train_step(self, state, batch):
+        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+        jitted = jax.jit(self._train_step, in_shardings=(self.shardings, batch_shardings),
+                         out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            self.compiled_train_step = jitted.lower(state, batch).compile()
+        self.flops_per_step = flops_per_step(self.compiled_train_step)
+
+    def batches(self, split: str, training: bool) -> pipeline.GlobalBatches:
+        return pipeline.global_batches(self.config, split, self.mesh, self.tokenizer,
+                                       training=training)
+
+    def evaluate(self, state) -> dict[str, float]:
+        params = step_lib.eval_params(state)
+        eval_step = self._under_mesh(step_lib.make_eval_step(self.task, self.graphdef))
+        limit = self.config.train.eval_batches
+        sums = None
+        with self.batches(self.config.data.eval_split, training=False) as batches:
+            for index, batch in enumerate(batches):
+                if limit and index >= limit:
+                    break
+                sums = _sum_trees(sums, eval_step(params, state.rest, batch))
+        return self.task.summarize(jax.device_get(sums))
+
+    def image_grid(self, state, batch) -> np.ndarray:
+        images_step = self._under_mesh(step_lib.make_images_step(self.task, self.graphdef))
+        return np.asarray(jax.device_get(images_step(step_lib.eval_params(state), state.rest,
+                                                     batch)))
+
+
+def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
+    if step_metrics is None:
+        return
+    in_row = int(step_metrics["nonfinite_in_row"])
+    if in_row >= limit:
+        raise NonFiniteError(
+            f"step {step}: {in_row} non-finite losses or gradients in a row "
+            f"(config.train.max_nonfinite_in_row={limit}); the last checkpoint is in "
+            f"{checkpoint.checkpoint_dir(workdir)}")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train(config, workdir: str, task=None, *, stop_after: int | None = None
+          ) -> state_lib.TrainState:
+    """Trains `config.task` (or the given `task`) to `config.train.steps`, resuming from
+    `workdir` if it has a checkpoint; returns the final train state.
+
+    `stop_after` ends this call (with a checkpoint) after that many steps, e.g. to fit a job
+    into a scheduler's time slot; a later call continues the same schedule.
+    """
+    trainer = Trainer(config, workdir, task)
+    tcfg = config.train
+    batches = trainer.batches(config.data.train_split, training=True)
+    mgr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
+    if mgr.latest_step() is not None:
+        state = checkpoint.restore(mgr, trainer.abstract_state, batches)
+        logging.info("resumed from step %d of %s", int(state.step), checkpoint.checkpoint_dir(workdir))
+    else:
+        state = trainer._init()
+    first_step = int(state.step)
+    writer = metrics_lib.MetricWriter(workdir)
+    preemption = Preemption()
+    with trainer.batches(config.data.eval_split, training=False) as eval_batches:
+        image_batch = next(eval_batches)  # Fixed images, so grids are comparable over time.
+    progress = tqdm(total=tcfg.steps, initial=first_step, disable=jax.process_index() != 0,
+                    desc=f"train {config.task.name}", dynamic_ncols=True)
+    try:
+        interval_start, interval_steps = time.perf_counter(), 0
+        pending_check = (first_step, None)
+        for step in range(first_step + 1, tcfg.steps + 1):
+            batch = next(batches)
+            if trainer.compiled_train_step is None:
+                trainer.compile_train_step(state, batch)
+                interval_start = time.perf_counter()  # Compilation is not step time.
+            state, step_metrics = trainer.compiled_train_step(state, batch)
+            interval_steps += 1
+            progress.update(1)
+            # Checked one step late, so the host never waits for the step it just dispatched.
+            check_nonfinite(*pending_check, tcfg.max_nonfinite_in_row, workdir)
+            pending_check = (step, step_metrics)
+            if _due(step, tcfg.log_every, tcfg.steps):
+                seconds = (time.perf_counter() - interval_start) / interval_steps
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                values.update(step_seconds=seconds,
+                              examples_per_second=config.data.batch_size / seconds,
+                              flops_per_second=trainer.flops_per_step / seconds)
+                writer.scalars(step, values, prefix="train/")
+                progress.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if _due(step, tcfg.eval_every, tcfg.steps):
+                writer.scalars(step, trainer.evaluate(state), prefix="eval/")
+            if _due(step, tcfg.images_every, tcfg.steps):
+                writer.image(step, config.task.name, trainer.image_grid(state, image_batch))
+            stop = preemption.should_stop(step) or (
+                stop_after is not None and step - first_step >= stop_after)
+            checkpoint.save(mgr, step, state, batches, force=stop or step == tcfg.steps)
+            if stop:
+                logging.warning("checkpointed step %d and stopped before the end of training", step)
+                break
+        check_nonfinite(*pending_check, tcfg.max_nonfinite_in_row, workdir)
+    finally:
+        progress.close()
+        preemption.close()
+        mgr.wait_until_finished()
+        mgr.close()
+        batches.close()
+        writer.close()
+    return state
