@@ -10,7 +10,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves TFDS only: keep it quiet.
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
@@ -21,6 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Library INFO lines (TFDS, Orbax) would bury the progress bar; -v 0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     from dalle_jax import run  # After flag parsing: --help stays fast.
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir

@@ -96,3 +96,12 @@ def test_state_shardings_follow_parameter_annotations():
     down = [s for k, s in flat.items() if "down" in k and "kernel" in k][0]
     assert up.spec == jax.P("fsdp", "tensor") and down.spec == jax.P("tensor", "fsdp")
     assert up.mesh is mesh
+
+
+def test_dimensions_the_mesh_does_not_divide_are_replicated():
+    mesh = mesh_lib.build_mesh(ConfigDict(dict(axes=("data", "fsdp", "tensor"), shape=(1, 4, 2))))
+    assert logical.fit_spec(jax.P("fsdp", "tensor"), (8, 6), mesh) == jax.P("fsdp", "tensor")
+    assert logical.fit_spec(jax.P("fsdp", "tensor"), (2, 6), mesh) == jax.P(None, "tensor")
+    assert logical.fit_spec(jax.P(("fsdp", "tensor"), None), (16, 3), mesh) == jax.P(
+        ("fsdp", "tensor"), None)
+    assert logical.fit_spec(jax.P(("fsdp", "tensor")), (4, 3), mesh) == jax.P(None, None)

@@ -33,6 +33,12 @@ def validate_rules(rules: Rules, mesh_axes: Sequence[str]) -> None:
                                  f"which is not in config.mesh.axes {tuple(mesh_axes)}")
 
 
+def normalize_rules(rules: Rules) -> tuple:
+    """Rules as tuples all the way down (configs read back from JSON hold lists)."""
+    return tuple((name, tuple(target) if isinstance(target, list) else target)
+                 for name, target in rules)
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> jax.P:
     """The PartitionSpec for an array whose dimensions are called `names`.
 
@@ -43,7 +49,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> jax.P:
     for name in names:
         if name is not None and name not in known:
             raise ValueError(f"logical axis {name!r} has no entry in config.sharding.rules")
-    return nn.logical_to_mesh_axes(tuple(names), tuple((k, v) for k, v in rules))
+    return nn.logical_to_mesh_axes(tuple(names), normalize_rules(rules))
 
 
 def logical_sharding(mesh: jax.sharding.Mesh, names: Sequence[str | None],
@@ -74,9 +80,24 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
             for k, v in local_batch.items()}
 
 
+def fit_spec(spec: jax.P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> jax.P:
+    """`spec` without the mesh axes that do not divide their dimension.
+
+    A 4-channel bottleneck cannot be split 8 ways; replicating that one dimension lets small
+    models (and the narrow layers of big ones) run on any mesh.
+    """
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = int(np.prod([mesh.shape[a] for a in names], dtype=int))
+        fitted.append(axes if dim % ways == 0 else None)
+    return jax.P(*fitted)
+
+
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules):
     """NamedShardings for an NNX state (concrete or abstract) from its parameters' logical axes."""
-    with nnx.logical_axis_rules(tuple((k, v) for k, v in rules)):
+    with nnx.logical_axis_rules(normalize_rules(rules)):
         specs = nnx.get_partition_spec(state)
-    return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
-                        is_leaf=lambda x: isinstance(x, jax.P))
+    return jax.tree.map(
+        lambda spec, x: jax.sharding.NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+        specs, state, is_leaf=lambda x: isinstance(x, jax.P))

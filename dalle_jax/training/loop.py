@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dalle_jax import run, tasks
+from dalle_jax.sharding import logical
 from dalle_jax.data import pipeline
 from dalle_jax.training import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
 from dalle_jax.training import state as state_lib
@@ -69,7 +70,7 @@ class Trainer:
         self.mesh, self.tokenizer = run.setup(config, workdir)
         self.task = tasks.get_task(config) if task is None else task
         self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
-        self.rules = tuple(config.sharding.rules)
+        self.rules = logical.normalize_rules(config.sharding.rules)
         self.graphdef, self.abstract_state, self._init = state_lib.plan_train_state(
             self.task, self.tx, self.mesh, self.rules, seed=config.seed,
             ema=config.optimizer.ema_decay > 0)
@@ -132,7 +133,8 @@ def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
 
 
 def _due(step: int, every: int, last: int) -> bool:
-    return step == last or (every > 0 and step % every == 0)
+    """Every `every` steps and at the last one; never when `every` is 0."""
+    return every > 0 and (step % every == 0 or step == last)
 
 
 def train(config, workdir: str, task=None, *, stop_after: int | None = None
@@ -149,7 +151,8 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
     mgr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
     if mgr.latest_step() is not None:
         state = checkpoint.restore(mgr, trainer.abstract_state, batches)
-        logging.info("resumed from step %d of %s", int(state.step), checkpoint.checkpoint_dir(workdir))
+        logging.warning("resumed from step %d of %s", int(state.step),
+                        checkpoint.checkpoint_dir(workdir))
     else:
         state = trainer._init()
     first_step = int(state.step)
@@ -157,8 +160,9 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
     preemption = Preemption()
     with trainer.batches(config.data.eval_split, training=False) as eval_batches:
         image_batch = next(eval_batches)  # Fixed images, so grids are comparable over time.
+    # A few updates a minute: logs of batch jobs stay readable.
     progress = tqdm(total=tcfg.steps, initial=first_step, disable=jax.process_index() != 0,
-                    desc=f"train {config.task.name}", dynamic_ncols=True)
+                    desc=f"train {config.task.name}", dynamic_ncols=True, mininterval=10.0)
     try:
         interval_start, interval_steps = time.perf_counter(), 0
         pending_check = (first_step, None)

@@ -9,7 +9,7 @@ import ml_collections
 from flax import nnx
 
 from dalle_jax import tasks
-from dalle_jax.sharding import mesh as mesh_lib
+from dalle_jax.sharding import logical, mesh as mesh_lib
 from dalle_jax.training import checkpoint, optimizer
 from dalle_jax.training import state as state_lib
 
@@ -35,7 +35,7 @@ def load_model(workdir: str, *, use_ema: bool = True, step: int | None = None,
     mesh_config = ml_collections.ConfigDict(dict(config.mesh.to_dict(), shape=tuple(mesh_shape),
                                                  num_devices=0))
     mesh = mesh_lib.build_mesh(mesh_config)
-    rules = tuple(tuple(rule) for rule in config.sharding.rules)
+    rules = logical.normalize_rules(config.sharding.rules)
     graphdef, abstract, _ = state_lib.plan_train_state(
         task, tx, mesh, rules, seed=config.seed, ema=config.optimizer.ema_decay > 0)
     state = checkpoint.restore_state_only(workdir, abstract, step)

@@ -63,14 +63,18 @@ def plan_train_state(task, tx, mesh, rules, *, seed: int, ema: bool):
     restores into the abstract state instead, so it never holds two copies.
     """
     make = lambda: _initial_state(task, tx, seed, ema)  # noqa: E731
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+    # Placement is decided here, from the logical axes, for the whole state at once;
+    # Flax's per-variable eager sharding would reject the dimensions `fit_spec` replicates.
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(logical.normalize_rules(rules)), \
+            nnx.use_eager_sharding(False):
         graphdef, _, _ = split_model(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(seed))))
         abstract = jax.eval_shape(make)
         shardings = state_shardings(abstract, tx, mesh, rules)
     sharded_init = jax.jit(make, out_shardings=shardings)
 
     def init() -> TrainState:
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(logical.normalize_rules(rules)), \
+                nnx.use_eager_sharding(False):
             return sharded_init()
 
     return graphdef, abstract_arrays(abstract, shardings), init

@@ -1,0 +1,61 @@
+"""A trained dVAE as the image tokenizer: `encode(images) -> tokens`, `decode(tokens) -> images`.
+
+    codec = ImageCodec.from_workdir("workdirs/dvae_mini")   # EMA weights by default
+    tokens = codec.encode(images)        # uint8 (N, S, S, 3) -> int32 (N, h, w)
+    pictures = codec.decode(tokens)      # -> float32 (N, S, S, 3) in [0, 1]
+
+Any number of images is processed in fixed-size chunks (the last one padded), so one
+compilation serves every call.
+"""
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from dalle_jax.models.dvae import DVAE
+
+
+def _chunked(fn, model, inputs: np.ndarray, chunk: int) -> np.ndarray:
+    outputs = []
+    for start in range(0, len(inputs), chunk):
+        part = inputs[start:start + chunk]
+        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
+                                                part.dtype)])
+        outputs.append(np.asarray(fn(model, padded))[:len(part)])
+    return np.concatenate(outputs)
+
+
+class ImageCodec:
+    def __init__(self, model: DVAE, chunk: int = 32):
+        self.model, self.chunk = model, chunk
+        self.image_size, self.grid_size = model.image_size, model.grid_size
+        self.vocab_size = model.vocab_size
+        self._encode = nnx.jit(lambda m, x: m.encode(x))
+        self._decode = nnx.jit(lambda m, t: m.decode(t))
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 32) -> "ImageCodec":
+        from dalle_jax.training.restore import load_model
+
+        model, config = load_model(workdir, use_ema=use_ema)
+        if not isinstance(model, DVAE):
+            raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not a dVAE")
+        return cls(model, chunk)
+
+    def encode(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"encode expects images of shape (N, {self.image_size}, "
+                             f"{self.image_size}, 3), got {images.shape}")
+        return _chunked(self._encode, self.model, images, self.chunk)
+
+    def decode(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 3 or tokens.shape[1:] != (self.grid_size, self.grid_size):
+            raise ValueError(f"decode expects tokens of shape (N, {self.grid_size}, "
+                             f"{self.grid_size}), got {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        return _chunked(self._decode, self.model, tokens.astype(np.int32), self.chunk)

@@ -1,0 +1,82 @@
+"""The dVAE through the training loop: sharded = unsharded, learning, loading from a workdir."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dalle_jax.models.codec import ImageCodec
+from dalle_jax.training import loop, metrics as metrics_lib
+from dalle_jax.training.restore import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_dvae_config(mini_config):
+    """configs/dvae_mini.py's model and task, shrunk so a few steps take seconds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dvae_mini", os.path.join(ROOT, "configs",
+                                                                            "dvae_mini.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
+    config.data.shapes.update(mini_config().data.shapes.to_dict())
+    config.model.update(dict(n_hid=8, vocab_size=64, n_init=16))
+    config.task.update(dict(kl_warmup_steps=20, temperature_steps=40))
+    config.train.update(dict(steps=4, log_every=2, eval_every=0, images_every=0,
+                             checkpoint_every=100))
+    config.optimizer.update(dict(warmup_steps=0, ema_decay=0.5))
+    return config
+
+
+def train_losses(workdir):
+    return [r["train/loss"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
+
+
+def test_eight_devices_train_the_dvae_like_one(tiny_dvae_config, tmp_path):
+    tiny_dvae_config.mesh.shape = (2, 4, 1)  # data parallel x FSDP over the conv outputs
+    sharded = loop.train(tiny_dvae_config, str(tmp_path / "eight"))
+    tiny_dvae_config.mesh.update(dict(shape=(1, 1, 1), num_devices=1))
+    single = loop.train(tiny_dvae_config, str(tmp_path / "one"))
+    np.testing.assert_allclose(train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"),
+                               rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)),
+                    jax.tree.leaves(jax.device_get(single.params)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    fsdp_sharded = [x for x in jax.tree.leaves(sharded.params)
+                    if "fsdp" in str(x.sharding.spec)]
+    assert fsdp_sharded  # FSDP really split some kernels.
+
+
+def test_short_training_lowers_the_reconstruction_error_and_loads(tiny_dvae_config, tmp_path):
+    config = tiny_dvae_config
+    config.model.update(dict(n_hid=16, vocab_size=128, n_init=32))
+    config.train.update(dict(steps=80, log_every=10, eval_every=80, eval_batches=2))
+    config.optimizer.update(dict(learning_rate=2e-3, ema_decay=0.9))
+    workdir = str(tmp_path / "run")
+    loop.train(config, workdir)
+    mse = [r["train/mse"] for r in metrics_lib.read_metrics(workdir) if "train/mse" in r]
+    assert mse[-1] < 0.5 * mse[0], mse
+
+    codec = ImageCodec.from_workdir(workdir)
+    model, _ = load_model(workdir)
+    images = np.random.default_rng(0).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+    tokens = codec.encode(images)  # 37 = one full chunk of 32 and a padded one
+    assert tokens.shape == (37, 8, 8) and tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens[:5], np.asarray(model.encode(images[:5])))
+    pictures = codec.decode(tokens)
+    assert pictures.shape == (37, 32, 32, 3) and 0.0 <= pictures.min() <= pictures.max() <= 1.0
+    np.testing.assert_allclose(pictures[:5], np.asarray(model.decode(tokens[:5])), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
+        codec.encode(images[:, :16])
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        codec.decode(np.full((1, 8, 8), 128))
+
+
+def test_loading_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ImageCodec.from_workdir(str(tmp_path))
