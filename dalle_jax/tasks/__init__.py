@@ -1,0 +1,27 @@
+"""The model families the training loop knows, chosen by `config.task.name`.
+
+Each factory imports its task lazily, so choosing the dVAE does not import the transformer.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from dalle_jax.training.task import Task
+
+
+def _dvae(config) -> Task:
+    from dalle_jax.tasks.dvae import DVAETask
+
+    return DVAETask(config)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "dvae": _dvae,
+}
+
+
+def get_task(config) -> Task:
+    name = config.task.name
+    if name not in TASKS:
+        raise ValueError(f"config.task.name={name!r} is not one of {sorted(TASKS)}")
+    return TASKS[name](config)
