@@ -80,6 +80,9 @@ class Trainer:
                                                     self.graphdef, config)
         self.compiled_train_step = None
         self.flops_per_step = 0.0
+        # Built once: a new function object per call would recompile at every evaluation.
+        self._eval_step = self._under_mesh(step_lib.make_eval_step(self.task, self.graphdef))
+        self._images_step = self._under_mesh(step_lib.make_images_step(self.task, self.graphdef))
 
     def _under_mesh(self, fn):
         """`fn` jit-compiled, called with the mesh and rules active (they apply while tracing)."""
@@ -105,20 +108,18 @@ class Trainer:
 
     def evaluate(self, state) -> dict[str, float]:
         params = step_lib.eval_params(state)
-        eval_step = self._under_mesh(step_lib.make_eval_step(self.task, self.graphdef))
         limit = self.config.train.eval_batches
         sums = None
         with self.batches(self.config.data.eval_split, training=False) as batches:
             for index, batch in enumerate(batches):
                 if limit and index >= limit:
                     break
-                sums = _sum_trees(sums, eval_step(params, state.rest, batch))
+                sums = _sum_trees(sums, self._eval_step(params, state.rest, batch))
         return self.task.summarize(jax.device_get(sums))
 
     def image_grid(self, state, batch) -> np.ndarray:
-        images_step = self._under_mesh(step_lib.make_images_step(self.task, self.graphdef))
-        return np.asarray(jax.device_get(images_step(step_lib.eval_params(state), state.rest,
-                                                     batch)))
+        return np.asarray(jax.device_get(self._images_step(step_lib.eval_params(state),
+                                                           state.rest, batch)))
 
 
 def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
@@ -158,8 +159,7 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
     first_step = int(state.step)
     writer = metrics_lib.MetricWriter(workdir)
     preemption = Preemption()
-    with trainer.batches(config.data.eval_split, training=False) as eval_batches:
-        image_batch = next(eval_batches)  # Fixed images, so grids are comparable over time.
+    image_batch = None
     # A few updates a minute: logs of batch jobs stay readable.
     progress = tqdm(total=tcfg.steps, initial=first_step, disable=jax.process_index() != 0,
                     desc=f"train {config.task.name}", dynamic_ncols=True, mininterval=10.0)
@@ -189,6 +189,9 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
             if _due(step, tcfg.eval_every, tcfg.steps):
                 writer.scalars(step, trainer.evaluate(state), prefix="eval/")
             if _due(step, tcfg.images_every, tcfg.steps):
+                if image_batch is None:  # The same images every time, so grids compare.
+                    with trainer.batches(config.data.eval_split, training=False) as eval_batches:
+                        image_batch = next(eval_batches)
                 writer.image(step, config.task.name, trainer.image_grid(state, image_batch))
             stop = preemption.should_stop(step) or (
                 stop_after is not None and step - first_step >= stop_after)
