@@ -24,16 +24,6 @@ flags.DEFINE_integer("encode_batch", 4, "Images per encode call at 256 px.")
 flags.DEFINE_integer("encode_calls", 3, "Encode calls timed (after one warm-up call).")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the reference.")
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -109,12 +99,14 @@ def main(argv):
     reference = matmul_flops_per_second(FLAGS.matmul_size)
     print(f"reference: fp32 matmul {FLAGS.matmul_size}^3 on 1 CPU device: "
           f"{reference / 1e9:.1f} GFLOP/s")
-    flops, seconds, batch = train_step_figures(load_config("dvae_mini"), FLAGS.steps)
+    from dalle_jax import config_lib
+
+    flops, seconds, batch = train_step_figures(config_lib.load("dvae_mini"), FLAGS.steps)
     print(f"dvae_mini train step (batch {batch}, 32 px): {seconds * 1e3:.0f} ms, "
           f"{flops / 1e9:.2f} GFLOP -> {flops / seconds / 1e9:.1f} GFLOP/s = "
           f"{flops / seconds / reference:.2f} of matmul")
     reference_after = matmul_flops_per_second(FLAGS.matmul_size)
-    flops, seconds, batch = encode_figures(load_config("dvae"), FLAGS.encode_batch,
+    flops, seconds, batch = encode_figures(config_lib.load("dvae"), FLAGS.encode_batch,
                                            FLAGS.encode_calls)
     print(f"dvae (paper config) encode at 256 px: {batch / seconds:.2f} images/s, "
           f"{flops / batch / 1e9:.1f} GFLOP/image -> {flops / seconds / 1e9:.1f} GFLOP/s = "

@@ -5,6 +5,9 @@ entrypoints lock them, so an override of a key that does not exist fails and nam
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from dalle_jax.data.augment import SQUARE_CROPS
@@ -98,6 +101,21 @@ def base_config() -> ml_collections.ConfigDict:
         max_nonfinite_in_row=10,  # skipped non-finite steps in a row before the run stops
     ))
     return c
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name_or_path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of `configs/<name>.py` (e.g. "dvae_mini") or of any config file's path."""
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(
+        CONFIGS_DIR, f"{name_or_path}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _check(condition: bool, message: str) -> None:

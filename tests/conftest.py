@@ -35,15 +35,10 @@ def mini_config(tmp_path_factory):
 
     Returns a function giving a fresh, unlocked copy, so tests can change it freely.
     """
-    import importlib.util
-
+    from dalle_jax import config_lib
     from dalle_jax.data import sources
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("mini", os.path.join(root, "configs", "mini.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load("mini")
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.data.shapes.num_train = 300
     config.data.shapes.num_validation = 100

@@ -1,28 +1,18 @@
 """The dVAE through the training loop: sharded = unsharded, learning, loading from a workdir."""
-import os
-
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
+from dalle_jax import config_lib
 from dalle_jax.models.codec import ImageCodec
 from dalle_jax.training import loop, metrics as metrics_lib
 from dalle_jax.training.restore import load_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def tiny_dvae_config(mini_config):
     """configs/dvae_mini.py's model and task, shrunk so a few steps take seconds."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dvae_mini", os.path.join(ROOT, "configs",
-                                                                            "dvae_mini.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load("dvae_mini")
     config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
     config.data.shapes.update(mini_config().data.shapes.to_dict())
     config.model.update(dict(n_hid=8, vocab_size=64, n_init=16))
