@@ -13,17 +13,19 @@ def get_config():
     config.data.name = "synthetic_shapes"
     config.data.shapes.image_size = 32
     config.data.image_size = 32
-    config.data.batch_size = 32
+    config.data.batch_size = 16
     # The dVAE sees images only, so flips are harmless (the transformer stage has none).
     config.data.augment.flip = True
 
     config.task.name = "dvae"
     config.task.logit_laplace_eps = 0.1
-    config.task.kl_weight = 6.6
+    # The paper's 6.6 collapsed this 512-code book onto a few codes in CPU-length runs
+    # (colours merged); 1.0 keeps enough codes in use for every colour and shape.
+    config.task.kl_weight = 1.0
     config.task.kl_warmup_steps = 500
     config.task.temperature_start = 1.0
     config.task.temperature_end = 1.0 / 16
-    config.task.temperature_steps = 3000
+    config.task.temperature_steps = 1500
 
     config.model.image_size = 32
     config.model.n_hid = 32
@@ -35,6 +37,10 @@ def get_config():
     config.optimizer.learning_rate = 1e-3
     config.optimizer.end_learning_rate = 1e-5
     config.optimizer.warmup_steps = 100
-    config.train.steps = 4000
+    config.train.steps = 2000
+    config.train.log_every = 100
+    config.train.eval_every = 500
+    config.train.images_every = 500
+    config.optimizer.ema_decay = 0.99
     config.train.compute_dtype = "float32"
     return config
