@@ -27,6 +27,7 @@ def get_config():
 
     config.task.name = "dvae"
     config.task.logit_laplace_eps = 0.1
+    config.task.nll_scale_power = 0.0  # the paper's likelihood, unweighted
     config.task.kl_weight = 6.6
     config.task.kl_warmup_steps = 5_000
     config.task.temperature_start = 1.0

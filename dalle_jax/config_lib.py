@@ -23,6 +23,9 @@ DEFAULT_RULES = (
     ("kv", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("layers", None),  # the stacked (scanned) layer axis
+    ("norm", None),  # layer-norm scales and biases: small, replicated
+    ("act_embed", None),  # activations' model dimension (parameters' "embed" is FSDP-split)
     ("height", None),
     ("width", None),
     ("channels", None),
@@ -100,6 +103,33 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         max_nonfinite_in_row=10,  # skipped non-finite steps in a row before the run stops
     ))
+    return c
+
+
+def dalle_base_config() -> ml_collections.ConfigDict:
+    """`base_config()` with the transformer's task and model sections at the paper's defaults.
+
+    The configs (`dalle_mini`, `dalle_small`, `dalle_12b`) set the sizes.
+    """
+    c = base_config()
+    c.data.augment.flip = False  # captions say "left of": a flip would make them false
+    c.task = ml_collections.ConfigDict(dict(
+        name="dalle",
+        dvae_workdir="",  # a trained dVAE's workdir: its (EMA) encoder turns images into tokens
+        text_loss_weight=1 / 8, image_loss_weight=7 / 8,
+        caption_dropout=0.1,  # empty captions, for classifier-free guidance at sampling
+    ))
+    c.model = ml_collections.ConfigDict(dict(
+        grid_size=32, image_vocab_size=8192,  # must match the dVAE
+        d_model=512, num_heads=8, head_dim=64, mlp_dim=2048, depth=8,
+        conv_kernel=11,  # the last layer's causal k×k neighbourhood
+        attention="sparse",  # or "dense": the masked reference implementation
+        remat="none",  # "full" or "save_dots": recompute activations in the backward pass
+        init_std=0.02,
+    ))
+    c.optimizer.update(dict(
+        learning_rate=4.5e-4, schedule="constant", warmup_steps=5000, b1=0.9, b2=0.96,
+        eps=1e-8, weight_decay=4.5e-2, clip_norm=4.0, ema_decay=0.99))
     return c
 
 

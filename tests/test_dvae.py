@@ -37,6 +37,12 @@ def tiny_config(**model):
     return config
 
 
+def fast_rngs(seed=0):
+    """Rngs on the 'rbg' key implementation: XLA on a CPU compiles threefry's normal draws
+    slowly (about a second per parameter shape), which would dominate these tests."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 def random_images(batch, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
@@ -45,7 +51,7 @@ def random_images(batch, size, seed=0):
 def tiny():
     config = tiny_config()
     task = get_task(config)
-    return config, task, task.build_model(nnx.Rngs(0))
+    return config, task, task.build_model(fast_rngs())
 
 
 def param_count(module):
@@ -56,11 +62,15 @@ def param_count(module):
 
 def test_mini_config_shapes_for_real():
     config = load_config("dvae_mini")
-    model = get_task(config).build_model(nnx.Rngs(0))
-    images = random_images(2, 32)
-    logits = model.encoder_logits(images)
+    model = get_task(config).build_model(fast_rngs())
+
+    @nnx.jit
+    def run(model, images):
+        logits = model.encoder_logits(images)
+        return logits, model.decode_logits(jax.nn.softmax(logits))
+
+    logits, (mu, log_b) = run(model, random_images(2, 32))
     assert logits.shape == (2, 8, 8, config.model.vocab_size) and logits.dtype == jnp.float32
-    mu, log_b = model.decode_logits(jax.nn.softmax(logits))
     assert mu.shape == log_b.shape == (2, 32, 32, 3)
 
 
@@ -82,31 +92,36 @@ def test_paper_config_shapes_and_parameter_counts_without_allocating():
     assert mu.shape == log_b.shape == (1, 256, 256, 3)
 
 
-def test_post_gain_scales_the_residual_branch():
+def test_post_gain_is_one_over_n_layers_squared():
     config = tiny_config(num_groups=2, blocks_per_group=3)
-    model = dvae.DVAE(config.model, jnp.float32, nnx.Rngs(1))
-    block = model.encoder.groups[0][1]  # same widths in and out: identity path
-    assert block.id_path is None and block.post_gain == pytest.approx(1 / (2 * 3) ** 2)
+    model = nnx.eval_shape(lambda: dvae.DVAE(config.model, jnp.float32, fast_rngs()))
+    for blocks in list(model.encoder.groups) + list(model.decoder.groups):
+        assert all(block.post_gain == pytest.approx(1 / (2 * 3) ** 2) for block in blocks)
+
+
+def test_post_gain_scales_the_residual_branch(tiny):
+    _, _, model = tiny
+    block = nnx.clone(model.encoder.groups[0][0])  # same widths in and out: identity path
+    assert block.id_path is None and block.post_gain == pytest.approx(1 / 2 ** 2)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 16)), jnp.float32)
     np.testing.assert_allclose(block(x) - x, block.post_gain * block.residual(x), atol=1e-5)
 
     last = block.res_path[-1]
-    last.kernel[...] = jnp.zeros_like(last.kernel[...])  # no residual left: the identity
+    last.kernel[...] = jnp.zeros_like(last.kernel[...])  # no residual branch left: identity
     np.testing.assert_allclose(block(x), x, atol=1e-6)
 
 
-def test_widening_blocks_project_the_identity():
-    config = tiny_config()
-    model = dvae.DVAE(config.model, jnp.float32, nnx.Rngs(1))
+def test_widening_blocks_project_the_identity(tiny):
+    _, _, model = tiny
     assert model.encoder.groups[1][0].id_path.kernel.shape == (1, 1, 16, 32)
     assert model.decoder.groups[0][0].id_path.kernel.shape == (1, 1, 8, 32)
 
 
-def test_conv_init_is_normal_with_std_one_over_sqrt_fan_in():
-    config = tiny_config(num_groups=1, n_hid=64, image_size=8)
-    model = dvae.DVAE(config.model, jnp.float32, nnx.Rngs(0))
-    conv = model.encoder.groups[0][0].res_path[0]  # 3x3, 64 -> 16
-    assert np.std(conv.kernel[...]) == pytest.approx(1 / math.sqrt(64 * 9), rel=0.05)
+def test_conv_init_is_normal_with_std_one_over_sqrt_fan_in(tiny):
+    _, _, model = tiny
+    conv = model.encoder.groups[1][0].res_path[0]  # 3x3, 16 -> 8: 1152 weights
+    assert conv.kernel.shape == (3, 3, 16, 8)
+    assert np.std(conv.kernel[...]) == pytest.approx(1 / math.sqrt(16 * 9), rel=0.08)
     assert not np.any(conv.bias[...])
 
 
@@ -120,7 +135,7 @@ def test_bad_model_config_is_a_one_line_error(key, value, match):
     config = tiny_config(num_groups=3, image_size=16)
     config.model[key] = value
     with pytest.raises(ValueError, match=match):
-        dvae.DVAE(config.model, jnp.float32, nnx.Rngs(0))
+        dvae.DVAE(config.model, jnp.float32, fast_rngs())
 
 
 # --- the tokenizer API --------------------------------------------------------------------
@@ -159,6 +174,24 @@ def test_logit_laplace_nll_matches_the_density_formula():
     np.testing.assert_allclose(nll, -np.log(density), rtol=1e-4, atol=1e-4)
 
 
+def test_scale_weighting_gives_mu_an_l1_gradient_and_keeps_the_optimal_scale():
+    x = jnp.asarray(dvae.map_pixels(np.linspace(0.05, 0.95, 6)), jnp.float32)  # no 0 residual
+    mu, log_b = jnp.zeros(6), jnp.full(6, 0.7)
+
+    def total(mu, log_b, power):
+        nll = dvae_task.logit_laplace_nll(x, mu, log_b)
+        return jnp.sum(dvae_task.scale_weighted(nll, log_b, power))
+
+    residual = jnp.log(x) - jnp.log1p(-x) - mu
+    grad_mu = jax.grad(total)(mu, log_b, 1.0)
+    np.testing.assert_allclose(grad_mu, -jnp.sign(residual), atol=1e-6)  # whatever b is
+    # The weighting leaves b's optimum where it was: b = |residual|.
+    at_optimum = jnp.log(jnp.abs(residual))
+    np.testing.assert_allclose(jax.grad(total, argnums=1)(mu, at_optimum, 1.0), 0.0, atol=1e-5)
+    assert float(total(mu, log_b, 0.0)) == pytest.approx(
+        float(jnp.sum(dvae_task.logit_laplace_nll(x, mu, log_b))))
+
+
 def test_kl_to_uniform_is_zero_for_uniform_logits_and_matches_numpy():
     assert float(jnp.max(jnp.abs(dvae_task.kl_to_uniform(jnp.full((4, 32), 3.0))))) < 1e-6
     logits = np.random.default_rng(0).normal(size=(5, 32)) * 3
@@ -188,25 +221,29 @@ def test_loss_is_finite_ignores_masked_rows_and_logs_its_metrics(tiny):
     images = random_images(4, 8)
     mask = np.array([True, True, True, False])
     rng, step = jax.random.key(0), jnp.asarray(100)
-    loss, metrics = task.loss(model, {"image": images, "mask": mask}, rng, step)
+    loss_fn = nnx.jit(task.loss)  # one compilation for both calls
+    loss, metrics = loss_fn(model, {"image": images, "mask": mask}, rng, step)
     assert np.isfinite(float(loss))
     assert {"nll", "kl", "kl_weight", "temperature", "mse"} <= set(metrics)
     assert float(metrics["kl_weight"]) == pytest.approx(float(task.kl_weight(100)))
     padded = images.copy()
     padded[3] = 0  # only the masked row changes
-    loss2, _ = task.loss(model, {"image": padded, "mask": mask}, rng, step)
+    loss2, _ = loss_fn(model, {"image": padded, "mask": mask}, rng, step)
     assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
 
 
-def test_loss_in_bfloat16_keeps_float32_logits():
+def test_loss_in_bfloat16_keeps_float32_logits(tiny):
     config = tiny_config()
     config.train.compute_dtype = "bfloat16"
     task = get_task(config)
-    model = task.build_model(nnx.Rngs(0))
-    assert model.encoder_logits(random_images(2, 8)).dtype == jnp.float32
-    loss, _ = task.loss(model, {"image": random_images(2, 8), "mask": np.ones(2, bool)},
-                        jax.random.key(0), jnp.asarray(0))
-    assert np.isfinite(float(loss))
+    # The bfloat16 model's structure with the fixture's (float32) parameters: no new init.
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: task.build_model(fast_rngs())))
+    model = nnx.merge(graphdef, nnx.state(tiny[2]))
+    assert model.encoder.input_conv.dtype == jnp.bfloat16
+    batch = {"image": random_images(2, 8), "mask": np.ones(2, bool)}
+    loss, logits = nnx.jit(lambda m, b: (task.loss(m, b, jax.random.key(0), jnp.asarray(0))[0],
+                                         m.encoder_logits(b["image"])))(model, batch)
+    assert np.isfinite(float(loss)) and logits.dtype == jnp.float32
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -266,16 +303,16 @@ def test_task_rejects_model_and_data_sizes_that_differ():
 # --- sharding -----------------------------------------------------------------------------
 
 def test_model_under_a_mesh_shards_conv_out_over_fsdp():
-    config = tiny_config()
+    config = tiny_config(num_groups=1)  # few parameter shapes: few compilations
     config.mesh.shape = (2, 4, 1)
     mesh, rules = build_mesh(config.mesh), config_lib.DEFAULT_RULES
     task = get_task(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         # As the training loop does: plan shardings abstractly, create parameters in place.
-        abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: task.build_model(fast_rngs()))
         graphdef, abstract_state = nnx.split(abstract)
         shardings = logical.state_shardings(abstract_state, mesh, rules)
-        state = jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)))[1],
+        state = jax.jit(lambda: nnx.split(task.build_model(fast_rngs()))[1],
                         out_shardings=shardings)()
         model = nnx.merge(graphdef, state)
         kernel = model.encoder.input_conv.kernel[...]
@@ -286,6 +323,6 @@ def test_model_under_a_mesh_shards_conv_out_over_fsdp():
         logits = jax.jit(lambda s, x: nnx.merge(graphdef, s).encoder_logits(x))(state, images)
         assert logits.sharding.spec[0] == ("data", "fsdp")
 
-        eager = task.build_model(nnx.Rngs(0))  # eager creation shards too
+        eager = task.build_model(fast_rngs())  # eager creation shards too
         assert eager.decoder.input_conv.kernel[...].sharding.spec == jax.P(None, None, None,
                                                                              "fsdp")

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from flax.core import spmd as flax_spmd
 
-from dalle_jax.sharding import logical
+from dalle_jax.models import layers
 
 LOGIT_LAPLACE_EPS = 0.1
 KERNEL_AXES = ("conv_window", "conv_window", "conv_in", "conv_out")
@@ -43,33 +42,8 @@ def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
     return jnp.clip((x - eps) / (1 - 2 * eps), 0.0, 1.0)
 
 
-# --- sharding helpers ---------------------------------------------------------------------
-
-def _rules_and_mesh_active() -> bool:
-    return bool(flax_spmd.get_logical_axis_rules()) and not jax.sharding.get_abstract_mesh().empty
-
-
 def constrain(x: jax.Array, names=ACTIVATION_AXES) -> jax.Array:
-    """Sharding hint by logical names under the active rules and mesh; a no-op without them.
-
-    Flax NNX 0.12 has no `with_logical_constraint` of its own; this reads the same rules
-    context as `nnx.logical_axis_rules` and, unlike Linen's helper, fails on an unknown name.
-    """
-    if not _rules_and_mesh_active():
-        return x
-    spec = logical.logical_to_spec(names, flax_spmd.get_logical_axis_rules())
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _param(value) -> nnx.Param:
-    """A parameter annotated with logical axes.
-
-    Flax shards annotated variables at creation ("eager sharding", on by default), which needs a
-    mesh and rules; without them the annotation is only recorded, so the model also builds on a
-    single device (tests, sampling scripts).
-    """
-    eager = nnx.using_eager_sharding() and _rules_and_mesh_active()
-    return nnx.Param(value, eager_sharding=eager)
+    return layers.constrain(x, names)
 
 
 # --- layers -------------------------------------------------------------------------------
@@ -86,9 +60,9 @@ class Conv(nnx.Module):
         fan_in = n_in * kernel_size * kernel_size
         kernel_init = nnx.with_partitioning(nnx.initializers.normal(stddev=fan_in ** -0.5), axes)
         bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), (out_axis,))
-        self.kernel = _param(kernel_init(rngs.params(), (kernel_size, kernel_size, n_in, n_out),
-                                         jnp.float32))
-        self.bias = _param(bias_init(rngs.params(), (n_out,), jnp.float32))
+        shape = (kernel_size, kernel_size, n_in, n_out)
+        self.kernel = layers.param(kernel_init(rngs.params(), shape, jnp.float32))
+        self.bias = layers.param(bias_init(rngs.params(), (n_out,), jnp.float32))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

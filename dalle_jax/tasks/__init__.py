@@ -15,8 +15,15 @@ def _dvae(config) -> Task:
     return DVAETask(config)
 
 
+def _dalle(config) -> Task:
+    from dalle_jax.tasks.dalle import DalleTask
+
+    return DalleTask(config)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "dvae": _dvae,
+    "dalle": _dalle,
 }
 
 

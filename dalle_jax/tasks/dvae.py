@@ -9,6 +9,13 @@ so both `nll` and `kl` are logged in nats per pixel-channel. The NLL is the dens
 ε-mapped pixels x' = (1-2ε)x + ε (the map's constant Jacobian is left out), so it can be
 negative. `kl_per_token` (nats per grid position, at most ln vocab_size) is logged too because it
 is easier to read than the per-pixel-channel share.
+
+`task.nll_scale_power` = p > 0 weights each pixel-channel's NLL by stop_gradient(b)^p (the
+"β-NLL" of Seitzer et al., 2022; p = 0 is the paper's loss). With a learned scale b the gradient
+on μ is sign(error)/b, so pixels the decoder cannot yet predict (objects' colours and edges)
+get a large b and little gradient, and stay unpredicted: small CPU runs stall there. With p = 1
+μ learns as under an L1 loss in logit space while b still converges to its likelihood optimum.
+The logged `nll` is always the unweighted likelihood.
 """
 from __future__ import annotations
 
@@ -58,6 +65,13 @@ def logit_laplace_nll(x_mapped: jax.Array, mu: jax.Array, log_b: jax.Array) -> j
     logit = jnp.log(x_mapped) - jnp.log1p(-x_mapped)
     return (jnp.log(2.0) + log_b + jnp.log(x_mapped) + jnp.log1p(-x_mapped)
             + jnp.abs(logit - mu) * jnp.exp(-log_b))
+
+
+def scale_weighted(nll: jax.Array, log_b: jax.Array, power: float) -> jax.Array:
+    """nll · stop_gradient(b)^power (β-NLL); the identity for power 0."""
+    if power == 0:
+        return nll
+    return nll * jax.lax.stop_gradient(jnp.exp(power * log_b))
 
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
@@ -125,6 +139,7 @@ class DVAETask:
                              f"config.data.image_size={config.data.image_size}")
         self.config = config
         self.eps = config.task.logit_laplace_eps
+        self.nll_scale_power = config.task.nll_scale_power
         self.kl_weight = kl_weight_schedule(config.task)
         self.temperature = temperature_schedule(config.task)
 
@@ -141,10 +156,12 @@ class DVAETask:
         mu, log_b = model.decode_logits(gumbel_softmax(logits, rng, tau))
 
         pixel_channels = math.prod(x.shape[1:])
-        nll = per_example_mean(logit_laplace_nll(map_pixels(x, self.eps), mu, log_b))
+        pixel_nll = logit_laplace_nll(map_pixels(x, self.eps), mu, log_b)
+        nll = per_example_mean(pixel_nll)
+        trained_nll = per_example_mean(scale_weighted(pixel_nll, log_b, self.nll_scale_power))
         kl_sum = per_example_sum(kl_to_uniform(logits))
         kl = kl_sum / pixel_channels
-        loss = masked_mean(nll + beta * kl, mask)
+        loss = masked_mean(trained_nll + beta * kl, mask)
 
         # The reconstruction the loss sees (through the relaxed codes, not the argmax ones).
         recon = unmap_pixels(jax.nn.sigmoid(mu), self.eps)

@@ -76,6 +76,7 @@ class Trainer:
             ema=config.optimizer.ema_decay > 0)
         self.shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        self.frozen = self._place_frozen()
         self._train_step = step_lib.make_train_step(self.task, self.tx, self.schedule,
                                                     self.graphdef, config)
         self.compiled_train_step = None
@@ -83,6 +84,15 @@ class Trainer:
         # Built once: a new function object per call would recompile at every evaluation.
         self._eval_step = self._under_mesh(step_lib.make_eval_step(self.task, self.graphdef))
         self._images_step = self._under_mesh(step_lib.make_images_step(self.task, self.graphdef))
+
+    def _place_frozen(self):
+        """The task's frozen inputs (e.g. the transformer's dVAE), sharded by their logical
+        axes like parameters; None for tasks without any."""
+        frozen_state = getattr(self.task, "frozen_state", None)
+        if frozen_state is None:
+            return None
+        frozen = frozen_state()
+        return jax.device_put(frozen, logical.state_shardings(frozen, self.mesh, self.rules))
 
     def _under_mesh(self, fn):
         """`fn` jit-compiled, called with the mesh and rules active (they apply while tracing)."""
@@ -95,12 +105,20 @@ class Trainer:
         return call
 
     def compile_train_step(self, state, batch):
-        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-        jitted = jax.jit(self._train_step, in_shardings=(self.shardings, batch_shardings),
+        batch_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding,
+                                                         (batch, self.frozen))
+        jitted = jax.jit(self._train_step,
+                         in_shardings=(self.shardings, batch_shardings, frozen_shardings),
                          out_shardings=(self.shardings, self.replicated), donate_argnums=0)
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            self.compiled_train_step = jitted.lower(state, batch).compile()
+            self.compiled_train_step = jitted.lower(state, batch, self.frozen).compile()
         self.flops_per_step = flops_per_step(self.compiled_train_step)
+
+    def train_step(self, state, batch):
+        """One compiled step (compiled on first use): (new state, metrics)."""
+        if self.compiled_train_step is None:
+            self.compile_train_step(state, batch)
+        return self.compiled_train_step(state, batch, self.frozen)
 
     def batches(self, split: str, training: bool) -> pipeline.GlobalBatches:
         return pipeline.global_batches(self.config, split, self.mesh, self.tokenizer,
@@ -114,12 +132,12 @@ class Trainer:
             for index, batch in enumerate(batches):
                 if limit and index >= limit:
                     break
-                sums = _sum_trees(sums, self._eval_step(params, state.rest, batch))
+                sums = _sum_trees(sums, self._eval_step(params, state.rest, batch, self.frozen))
         return self.task.summarize(jax.device_get(sums))
 
     def image_grid(self, state, batch) -> np.ndarray:
-        return np.asarray(jax.device_get(self._images_step(step_lib.eval_params(state),
-                                                           state.rest, batch)))
+        return np.asarray(jax.device_get(self._images_step(
+            step_lib.eval_params(state), state.rest, batch, self.frozen)))
 
 
 def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
@@ -171,7 +189,7 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
             if trainer.compiled_train_step is None:
                 trainer.compile_train_step(state, batch)
                 interval_start = time.perf_counter()  # Compilation is not step time.
-            state, step_metrics = trainer.compiled_train_step(state, batch)
+            state, step_metrics = trainer.train_step(state, batch)
             interval_steps += 1
             progress.update(1)
             # Checked one step late, so the host never waits for the step it just dispatched.

@@ -21,27 +21,33 @@ def split_micro_batches(x: jax.Array, count: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
 
 
+def with_frozen(batch: dict, frozen) -> dict:
+    """The batch as tasks see it: with the task's frozen inputs (if any) under 'frozen'."""
+    return batch if frozen is None else dict(batch, frozen=frozen)
+
+
 def make_train_step(task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     graphdef, config):
     accum = config.train.grad_accum
     ema_decay = config.optimizer.ema_decay
     base_key = jax.random.key(config.seed)
 
-    def loss_fn(params, rest, batch, rng, step):
-        return task.loss(nnx.merge(graphdef, params, rest), batch, rng, step)
+    def loss_fn(params, rest, batch, rng, step, frozen):
+        return task.loss(nnx.merge(graphdef, params, rest), with_frozen(batch, frozen), rng, step)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def loss_metrics_grads(state: TrainState, batch, rng):
+    def loss_metrics_grads(state: TrainState, batch, rng, frozen):
         if accum == 1:
-            (loss, metrics), grads = grad_fn(state.params, state.rest, batch, rng, state.step)
+            (loss, metrics), grads = grad_fn(state.params, state.rest, batch, rng, state.step,
+                                             frozen)
             return loss, metrics, grads
 
         micro = jax.tree.map(lambda x: split_micro_batches(x, accum), batch)
 
         def one(index, micro_batch):
             (loss, metrics), grads = grad_fn(state.params, state.rest, micro_batch,
-                                             jax.random.fold_in(rng, index), state.step)
+                                             jax.random.fold_in(rng, index), state.step, frozen)
             return loss, metrics, grads
 
         def accumulate(total, inputs):
@@ -52,9 +58,9 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule: optax.Sche
         total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
         return jax.tree.map(lambda x: x / accum, total)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, frozen=None):
         rng = jax.random.fold_in(base_key, state.step)
-        loss, metrics, grads = loss_metrics_grads(state, batch, rng)
+        loss, metrics, grads = loss_metrics_grads(state, batch, rng, frozen)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -91,14 +97,14 @@ def eval_params(state: TrainState) -> nnx.State:
 
 
 def make_eval_step(task, graphdef):
-    def eval_step(params, rest, batch):
-        return task.eval_sums(nnx.merge(graphdef, params, rest), batch)
+    def eval_step(params, rest, batch, frozen=None):
+        return task.eval_sums(nnx.merge(graphdef, params, rest), with_frozen(batch, frozen))
 
     return eval_step
 
 
 def make_images_step(task, graphdef):
-    def images_step(params, rest, batch):
-        return task.log_images(nnx.merge(graphdef, params, rest), batch)
+    def images_step(params, rest, batch, frozen=None):
+        return task.log_images(nnx.merge(graphdef, params, rest), with_frozen(batch, frozen))
 
     return images_step

@@ -6,6 +6,11 @@ optimizer, checkpoints, logging), so the dVAE, the transformer and CLIP share it
 
 Batches are dicts of global arrays: 'image' uint8 (B, S, S, 3), 'text' int32 (B, L) and
 'mask' bool (B,) (False marks padding rows of a short last evaluation batch).
+
+A task that needs fixed inputs besides its own parameters (the transformer needs the trained
+dVAE) defines `frozen_state() -> nnx.State`; the loop shards that state once, by its logical
+axes, passes it to every step as an argument (never trained, never baked into the program as a
+constant) and the task finds it in the batch under 'frozen'.
 """
 from __future__ import annotations
 

@@ -1,0 +1,32 @@
+"""The CPU-sized DALL·E transformer on 32 px synthetic_shapes (8×8 dVAE tokens of 512 codes).
+
+Needs a trained dVAE first (configs/dvae_mini.py):
+
+python train.py --config configs/dvae_mini.py --workdir workdirs/dvae_mini
+python train.py --config configs/dalle_mini.py --workdir workdirs/dalle_mini
+"""
+from dalle_jax import config_lib
+
+
+def get_config():
+    config = config_lib.dalle_base_config()
+    config.data.name = "synthetic_shapes"
+    config.data.shapes.image_size = 32
+    config.data.image_size = 32
+    config.data.batch_size = 32
+    config.text.length = 24
+    config.text.vocab_size = 128
+
+    config.task.dvae_workdir = "workdirs/dvae_mini"
+    config.model.update(dict(
+        grid_size=8, image_vocab_size=512, d_model=128, num_heads=4, head_dim=32, mlp_dim=512,
+        depth=4, conv_kernel=5))
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 100
+    config.optimizer.schedule = "cosine"
+    config.optimizer.end_learning_rate = 1e-5
+    config.train.steps = 3000
+    config.train.eval_every = 500
+    config.train.images_every = 500
+    config.train.checkpoint_every = 500
+    return config

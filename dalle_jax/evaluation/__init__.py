@@ -1,0 +1,1 @@
+"""Evaluation of generated images: a pixel-only judge of `synthetic_shapes` captions."""

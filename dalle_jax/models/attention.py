@@ -1,0 +1,304 @@
+"""The project's one attention: DALL·E's sparse masks, plain causal (CLIP text) and full (ViT).
+
+A sequence is `text_len` text positions followed by a grid_h×grid_w image in raster order
+(`Layout`). Every kind is defined once, as a boolean mask over (query, key) input positions
+(`dense_mask`); `dense_attention` applies such a mask to full L×L scores and is the reference.
+`sparse_attention` gives the same result without computing the score blocks the DALL·E masks
+remove: text queries attend causally to the text; image queries attend to all text keys and
+to a small window of image keys (a group of queries shares one window: a stretch of the raster
+for "row", its own column for "column", a 2D tile for "conv"), with ONE softmax over the text
+and window scores together. Its work grows like n·(text_len + window) instead of n².
+
+    kinds = layer_kinds(64)                      # ("row", "column", "row", "row", ..., "conv")
+    out = attention(q, k, v, kinds[i], Layout(256, 32, 32))   # q, k, v: [batch, L, heads, dim]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("causal", "full", "row", "column", "conv")
+SPARSE_KINDS = ("row", "column", "conv")
+# Group sizes of the sparse path, measured on CPU at the paper's layout (benchmarks/
+# sparse_attention.py): smaller groups compute fewer masked scores but copy more key windows
+# (each key lands in several) and make smaller matmuls; at 32x32 whole image rows won.
+ROW_BLOCK = 32          # "row": queries per block; each block sees ROW_BLOCK + grid_w keys.
+CONV_TILE = (1, 32)     # "conv": (rows, columns) of a query tile; it sees (k//2 + rows) rows.
+_MASKED = float(np.finfo(np.float32).min)  # Finite, so a fully masked row gives no NaN.
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"Layout.{name} must be an int, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where text and image sit in the stream; hashable, so it can be a static jit argument."""
+    text_len: int
+    grid_h: int = 0
+    grid_w: int = 0
+    conv_kernel: int = 11
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _as_int(field.name, getattr(self, field.name)))
+        if self.text_len < 1:
+            raise ValueError(f"Layout.text_len must be >= 1, got {self.text_len}")
+        for name in ("grid_h", "grid_w"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Layout.{name} must be >= 0, got {getattr(self, name)}")
+        if (self.grid_h == 0) != (self.grid_w == 0):
+            raise ValueError(f"Layout.grid_h and grid_w must both be 0 (no image) or both "
+                             f"positive, got {self.grid_h}x{self.grid_w}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"Layout.conv_kernel must be a positive odd int (the neighbourhood "
+                             f"is centred on the query), got {self.conv_kernel}")
+
+    @property
+    def image_len(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def length(self) -> int:
+        return self.text_len + self.image_len
+
+
+def layer_kinds(depth: int) -> tuple[str, ...]:
+    """The paper's assignment for layers 1..depth: last "conv", else "column" if (i-2)%4==0."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    return tuple("conv" if i == depth else "column" if (i - 2) % 4 == 0 else "row"
+                 for i in range(1, depth + 1))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"attention kind {kind!r} is not one of {KINDS}")
+
+
+def _image_rule(kind: str, a, b, layout: Layout):
+    """Whether image query a sees image key b (raster indices, broadcastable numpy arrays).
+
+    The single definition of the sparse patterns: `dense_mask` and the sparse path's window
+    masks both call it, so they cannot disagree. Callers mask keys outside the grid themselves.
+    """
+    w, radius = layout.grid_w, layout.conv_kernel // 2
+    causal = b <= a
+    if kind == "row":
+        return causal & (a - b <= w)
+    if kind == "column":
+        return causal & ((a - b) % w == 0)
+    return (causal & (np.abs(a // w - b // w) <= radius)
+            & (np.abs(a % w - b % w) <= radius))
+
+
+def dense_mask(kind: str, layout: Layout) -> np.ndarray:
+    """bool [L, L] (query, key): which keys each input position may attend to."""
+    _check_kind(kind)
+    n = layout.length
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    if kind == "full":
+        return np.ones((n, n), bool)
+    causal = j <= i
+    if kind == "causal" or layout.image_len == 0:
+        return causal
+    t = layout.text_len
+    image = (j >= t) & _image_rule(kind, i - t, j - t, layout)
+    return np.where(i < t, causal, (j < t) | image)
+
+
+def kept_score_count(kind: str, layout: Layout) -> int:
+    """(query, key) pairs the mask keeps, i.e. dense_mask(kind, layout).sum(), in O(L) work.
+
+    The score FLOPs a layer really needs (for FLOP accounting), not what an implementation does.
+    """
+    _check_kind(kind)
+    n, t, m = layout.length, layout.text_len, layout.image_len
+    if kind == "full":
+        return n * n
+    if kind == "causal" or m == 0:
+        return n * (n + 1) // 2
+    a = np.arange(m)
+    w, radius = layout.grid_w, layout.conv_kernel // 2
+    if kind == "row":
+        local = np.minimum(a, w) + 1
+    elif kind == "column":
+        local = a // w + 1
+    else:
+        r, c = a // w, a % w
+        above = np.minimum(r, radius)
+        width = np.minimum(c + radius, w - 1) - np.maximum(c - radius, 0) + 1
+        local = above * width + np.minimum(c, radius) + 1
+    return t * (t + 1) // 2 + m * t + int(local.sum())
+
+
+def dense_attention(q, k, v, mask=None):
+    """Reference attention over full [L, L] scores; `mask` bool, broadcastable to [.., q, k].
+
+    q, k, v: [batch, length, heads, head_dim]. Scores and softmax in float32, output in q.dtype.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = jnp.where(mask, scores, _MASKED)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static tables cutting the n image positions into G groups of s queries with K keys each.
+
+    queries [G, s] and keys [G, K] hold image positions, n standing for padding (a zero
+    state); mask [G, s, K] says which of those scores count; order [n] is where each image
+    position's output sits among the G·s query slots.
+    """
+    queries: np.ndarray
+    keys: np.ndarray
+    mask: np.ndarray
+    order: np.ndarray
+
+
+def _make_plan(kind: str, layout: Layout, q_rows, q_cols, k_rows, k_cols) -> _Plan:
+    """The plan for queries [G, s] and keys [G, K] given by grid coordinates (any integers)."""
+    h, w, n = layout.grid_h, layout.grid_w, layout.image_len
+
+    def positions(rows, cols):
+        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        return np.where(inside, rows * w + cols, n), inside
+
+    (queries, q_inside), (keys, k_inside) = positions(q_rows, q_cols), positions(k_rows, k_cols)
+    mask = (q_inside[:, :, None] & k_inside[:, None, :]
+            & _image_rule(kind, queries[:, :, None], keys[:, None, :], layout))
+    slots = queries.reshape(-1)
+    order = np.zeros(n, np.int32)
+    order[slots[slots < n]] = np.flatnonzero(slots < n)
+    return _Plan(queries.astype(np.int32), keys.astype(np.int32), mask, order)
+
+
+def _row_plan(layout: Layout) -> _Plan:
+    """Raster blocks of `s` queries; each sees its own block and the grid_w positions before."""
+    n, w = layout.image_len, layout.grid_w
+    s = min(ROW_BLOCK, n)
+    groups = -(-n // s)
+    before = min(w, (groups - 1) * s)
+    a = np.arange(groups)[:, None] * s + np.arange(s)
+    b = np.arange(groups)[:, None] * s - before + np.arange(before + s)
+    return _make_plan("row", layout, *np.divmod(a, w), *np.divmod(b, w))
+
+
+def _column_plan(layout: Layout) -> _Plan:
+    """One group per column: its grid_h positions top to bottom, seeing each other causally."""
+    h, w = layout.grid_h, layout.grid_w
+    rows, cols = np.broadcast_to(np.arange(h), (w, h)), np.broadcast_to(np.arange(w)[:, None], (w, h))
+    return _make_plan("column", layout, rows, cols, rows, cols)
+
+
+def _conv_plan(layout: Layout) -> _Plan:
+    """2D query tiles; each sees the rows up to conv_kernel//2 above and columns either side."""
+    h, w, radius = layout.grid_h, layout.grid_w, layout.conv_kernel // 2
+    th, tw = min(CONV_TILE[0], h), min(CONV_TILE[1], w)
+    gh, gw = -(-h // th), -(-w // tw)
+    above, side = min(radius, (gh - 1) * th), min(radius, (gw - 1) * tw)
+    kh, kw = above + th, 2 * side + tw
+    tile_r, tile_c = np.divmod(np.arange(gh * gw), gw)
+    return _make_plan(
+        "conv", layout,
+        (tile_r * th)[:, None] + np.repeat(np.arange(th), tw), 
+        (tile_c * tw)[:, None] + np.tile(np.arange(tw), th),
+        (tile_r * th - above)[:, None] + np.repeat(np.arange(kh), kw),
+        (tile_c * tw - side)[:, None] + np.tile(np.arange(kw), kh))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(kind: str, layout: Layout) -> _Plan:
+    return {"row": _row_plan, "column": _column_plan, "conv": _conv_plan}[kind](layout)
+
+
+def _gather(x, index: np.ndarray):
+    """x [B, h, n, d] at static image positions index [G, m] (n: zeros) -> [B, h, G, m, d].
+
+    One gather (scatter-add backward) measured faster on CPU than assembling overlapping
+    windows from shifted slices, whose concatenations and transposes dominated the conv layer.
+    """
+    padded = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    taken = jnp.take(padded, index.reshape(-1), axis=2, mode="clip")  # Static, in bounds.
+    return taken.reshape(x.shape[:2] + index.shape + x.shape[3:])
+
+
+def computed_score_count(kind: str, layout: Layout, implementation: str = "sparse") -> int:
+    """(query, key) scores an implementation actually computes, masked ones included."""
+    _check_kind(kind)
+    if implementation == "dense" or kind not in SPARSE_KINDS or layout.image_len == 0:
+        return layout.length ** 2
+    groups, s, keys = _plan(kind, layout).mask.shape
+    return layout.text_len ** 2 + groups * s * (layout.text_len + keys)
+
+
+def _text_and_window_attention(q, k_text, v_text, k_win, v_win, mask):
+    """Grouped queries [B,h,G,s,d] over all text keys [B,h,T,d] plus their window [B,h,G,K,d].
+
+    The two score arrays are concatenated so ONE softmax normalises text and image keys
+    together, as the paper's masks do. (Sharing the max and normaliser across the two parts
+    without concatenating measured no faster on CPU.)
+    """
+    f32 = jnp.float32
+    scale = 1 / math.sqrt(q.shape[-1])
+    text = jnp.einsum("bhgsd,bhtd->bhgst", q, k_text, preferred_element_type=f32) * scale
+    local = jnp.einsum("bhgsd,bhgkd->bhgsk", q, k_win, preferred_element_type=f32) * scale
+    local = jnp.where(mask, local, _MASKED)
+    weights = jax.nn.softmax(jnp.concatenate([text, local], axis=-1), axis=-1)
+    text, local = jnp.split(weights.astype(v_text.dtype), [text.shape[-1]], axis=-1)
+    out = (jnp.einsum("bhgst,bhtd->bhgsd", text, v_text, preferred_element_type=f32)
+           + jnp.einsum("bhgsk,bhgkd->bhgsd", local, v_win, preferred_element_type=f32))
+    return out.astype(q.dtype)
+
+
+def sparse_attention(q, k, v, kind: str, layout: Layout):
+    """Same result as dense_attention(q, k, v, dense_mask(kind, layout)), with n·(T + window) work.
+
+    "causal" and "full" have no blocks to skip and simply call dense_attention.
+    """
+    _check_shapes(q, k, v, kind, layout)
+    if kind == "full":
+        return dense_attention(q, k, v)
+    t = layout.text_len
+    if kind == "causal" or layout.image_len == 0:
+        return dense_attention(q, k, v, dense_mask("causal", Layout(q.shape[1])))
+    text = dense_attention(q[:, :t], k[:, :t], v[:, :t], dense_mask("causal", Layout(t)))
+    plan = _plan(kind, layout)
+    # Heads-major [B, h, n, d], so every matmul below is batched over leading axes, untransposed.
+    q_image, k_image, v_image = (jnp.swapaxes(x[:, t:], 1, 2) for x in (q, k, v))
+    k_text, v_text = (jnp.swapaxes(x[:, :t], 1, 2) for x in (k, v))
+    image = _text_and_window_attention(_gather(q_image, plan.queries), k_text, v_text,
+                                       _gather(k_image, plan.keys), _gather(v_image, plan.keys),
+                                       plan.mask)
+    image = image.reshape(image.shape[:2] + (-1, image.shape[-1]))
+    image = jnp.take(image, plan.order, axis=2, mode="clip", unique_indices=True)
+    return jnp.concatenate([text, jnp.swapaxes(image, 1, 2)], axis=1)
+
+
+def _check_shapes(q, k, v, kind: str, layout: Layout) -> None:
+    _check_kind(kind)
+    if not q.shape == k.shape == v.shape or q.ndim != 4 or q.shape[1] != layout.length:
+        raise ValueError(f"q, k, v must be [batch, {layout.length}, heads, head_dim] for {layout}, "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+
+
+def attention(q, k, v, kind: str, layout: Layout, implementation: str = "sparse"):
+    """Attention of `kind` over `layout`: "sparse" (efficient) or "dense" (masked reference)."""
+    if implementation == "sparse":
+        return sparse_attention(q, k, v, kind, layout)
+    if implementation == "dense":
+        _check_shapes(q, k, v, kind, layout)
+        return dense_attention(q, k, v, None if kind == "full" else dense_mask(kind, layout))
+    raise ValueError(f"attention implementation {implementation!r} is not 'sparse' or 'dense'")

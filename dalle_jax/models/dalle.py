@@ -1,0 +1,130 @@
+"""The DALL·E transformer: one decoder-only stream of [caption tokens | image tokens].
+
+Position i's input is token i and its output predicts token i+1, so the last caption position
+predicts the first image token and the last image position predicts nothing. Captions arrive as
+`[bos, words..., eos, 0, 0, ...]` (id 0 = padding); every padded position gets **its own**
+learned padding embedding, as in the paper, so the model always sees a full-length caption.
+
+Logits are restricted by segment: caption positions are scored against the text vocabulary
+only and image positions against the image vocabulary only (two output heads), so a sampled
+image can never contain a text token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dalle_jax.models import attention as attention_lib
+from dalle_jax.models import layers
+from dalle_jax.models.transformer import ACT, BlockConfig, Stack
+
+PAD_ID = 0  # the tokenizer's padding id
+
+
+@dataclasses.dataclass(frozen=True)
+class DalleConfig:
+    text_length: int
+    text_vocab_size: int
+    image_vocab_size: int
+    grid_size: int
+    block: BlockConfig
+    conv_kernel: int = 11
+    attention: str = "sparse"  # or "dense": the masked reference
+    remat: str = "none"
+
+    @property
+    def layout(self) -> attention_lib.Layout:
+        return attention_lib.Layout(self.text_length, self.grid_size, self.grid_size,
+                                    self.conv_kernel)
+
+    @property
+    def image_length(self) -> int:
+        return self.grid_size * self.grid_size
+
+
+def dalle_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDict,
+                 compute_dtype: str) -> DalleConfig:
+    """The model's settings from `config.model` and `config.text`, with one-line errors."""
+    for key in ("grid_size", "image_vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim",
+                "depth"):
+        if model[key] < 1:
+            raise ValueError(f"config.model.{key}={model[key]} must be positive")
+    if model.attention not in ("sparse", "dense"):
+        raise ValueError(f"config.model.attention={model.attention!r} must be 'sparse' or 'dense'")
+    block = BlockConfig(d_model=model.d_model, num_heads=model.num_heads,
+                        head_dim=model.head_dim, mlp_dim=model.mlp_dim, depth=model.depth,
+                        init_std=model.init_std, dtype=compute_dtype)
+    return DalleConfig(text_length=text.length, text_vocab_size=text.vocab_size,
+                       image_vocab_size=model.image_vocab_size, grid_size=model.grid_size,
+                       block=block, conv_kernel=model.conv_kernel, attention=model.attention,
+                       remat=model.remat)
+
+
+class DALLE(nnx.Module):
+    def __init__(self, cfg: DalleConfig, *, rngs: nnx.Rngs):
+        d, std = cfg.block.d_model, cfg.block.init_std
+        self.cfg = cfg
+        self.text_embed = layers.Embed(cfg.text_vocab_size, d, ("vocab", "embed"), std=std,
+                                       rngs=rngs)
+        self.pad_embed = layers.Embed(cfg.text_length, d, ("length", "embed"), std=std,
+                                      rngs=rngs)
+        self.text_position = layers.Embed(cfg.text_length, d, ("length", "embed"), std=std,
+                                          rngs=rngs)
+        self.image_embed = layers.Embed(cfg.image_vocab_size, d, ("vocab", "embed"), std=std,
+                                        rngs=rngs)
+        self.row_embed = layers.Embed(cfg.grid_size, d, ("length", "embed"), std=std, rngs=rngs)
+        self.column_embed = layers.Embed(cfg.grid_size, d, ("length", "embed"), std=std,
+                                         rngs=rngs)
+        self.stack = Stack(cfg.block, attention_lib.layer_kinds(cfg.block.depth), cfg.layout,
+                           implementation=cfg.attention, remat=cfg.remat, rngs=rngs)
+        self.final_norm = layers.LayerNorm(d, rngs=rngs)
+        self.text_head = layers.new_param(rngs, layers.normal(std), (d, cfg.text_vocab_size),
+                                          ("embed", "vocab"))
+        self.image_head = layers.new_param(rngs, layers.normal(std), (d, cfg.image_vocab_size),
+                                           ("embed", "vocab"))
+
+    # --- embeddings ---------------------------------------------------------------------
+
+    def embed_text(self, text: jax.Array) -> jax.Array:
+        """(B, T) ids -> (B, T, d): token + position, with each pad replaced by its own token."""
+        positions = jnp.arange(self.cfg.text_length)
+        tokens = jnp.where((text == PAD_ID)[..., None], self.pad_embed(positions)[None],
+                           self.text_embed(text))
+        return tokens + self.text_position(positions)[None]
+
+    def embed_image(self, image_tokens: jax.Array) -> jax.Array:
+        """(B, N) raster-order codes -> (B, N, d): token + row + column."""
+        g = self.cfg.grid_size
+        rows, cols = jnp.divmod(jnp.arange(image_tokens.shape[1]), g)
+        return self.image_embed(image_tokens) + (self.row_embed(rows) + self.column_embed(cols))[None]
+
+    def embed(self, text: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        x = jnp.concatenate([self.embed_text(text), self.embed_image(image_tokens)], axis=1)
+        return layers.constrain(x.astype(jnp.dtype(self.cfg.block.dtype)), ACT)
+
+    # --- forward ------------------------------------------------------------------------
+
+    def hidden(self, text: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        """Final-norm features (B, T + N, d) of the whole stream."""
+        return self.final_norm(self.stack(self.embed(text, image_tokens)))
+
+    def text_logits(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("bld,dv->blv", h.astype(jnp.float32), self.text_head[...])
+
+    def image_logits(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("bld,dv->blv", h.astype(jnp.float32), self.image_head[...])
+
+    def __call__(self, text: jax.Array, image_tokens: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+        """float32 logits for next-token prediction, restricted by segment.
+
+        Returns (text_logits (B, T-1, text_vocab): predictions of text[:, 1:],
+                 image_logits (B, N, image_vocab): predictions of image_tokens[:, 0:N]).
+        """
+        t = self.cfg.text_length
+        h = self.hidden(text, image_tokens)
+        return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t - 1:-1])

@@ -1,0 +1,172 @@
+"""Training the DALL·E transformer: maximum likelihood of [caption | image tokens].
+
+Images become tokens inside the jitted step, through the frozen dVAE of an earlier run
+(`config.task.dvae_workdir`). Encoding in the step rather than in a cached pre-pass keeps the
+data pipeline one pipeline (the same augmented images, resumable iterator and sharding as every
+other stage) and costs one encoder forward per example, small beside the transformer's
+forward and backward; the dVAE's weights reach the step as the loop's `frozen` input, so they
+are neither trained nor compiled into the program as constants.
+
+Loss: cross-entropy normalised separately over caption and image positions and weighted
+`text_loss_weight` / `image_loss_weight` (the paper's 1/8 and 7/8). Caption positions whose
+target is padding are left out: the per-position padding tokens are placeholders, not words.
+With probability `caption_dropout` a caption is replaced by the empty one, so the model also
+learns p(image), which classifier-free guidance needs at sampling time.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dalle_jax.models import dalle as dalle_model
+from dalle_jax.models.dvae import DVAE
+from dalle_jax.text.tokenizer import BOS_ID, EOS_ID
+
+PAD_ID = dalle_model.PAD_ID
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position negative log-likelihood in nats, float32."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def segment_nll_sums(text_logits, image_logits, text, image_tokens, mask):
+    """Summed NLLs and counts of caption and image targets over the real examples."""
+    row = mask.astype(jnp.float32)[:, None]
+    text_weight = (text[:, 1:] != PAD_ID).astype(jnp.float32) * row
+    image_weight = jnp.broadcast_to(row, image_tokens.shape)
+    return {
+        "text_nll": jnp.sum(cross_entropy(text_logits, text[:, 1:]) * text_weight),
+        "text_count": jnp.sum(text_weight),
+        "image_nll": jnp.sum(cross_entropy(image_logits, image_tokens) * image_weight),
+        "image_count": jnp.sum(image_weight),
+    }
+
+
+def empty_captions(batch_size: int, length: int) -> jax.Array:
+    """[bos, eos, pad, ...]: the caption of the unconditional model."""
+    caption = jnp.zeros((length,), jnp.int32).at[0].set(BOS_ID).at[1].set(EOS_ID)
+    return jnp.broadcast_to(caption, (batch_size, length))
+
+
+def drop_captions(text: jax.Array, rng: jax.Array, probability: float) -> jax.Array:
+    if probability <= 0:
+        return text
+    drop = jax.random.bernoulli(rng, probability, (text.shape[0],))
+    return jnp.where(drop[:, None], empty_captions(*text.shape), text)
+
+
+class DalleTask:
+    name = "dalle"
+
+    def __init__(self, config):
+        from dalle_jax.training import restore
+
+        self.config = config
+        task = config.task
+        self.model_config = dalle_model.dalle_config(config.model, config.text,
+                                                     config.train.compute_dtype)
+        if not task.dvae_workdir:
+            raise ValueError("config.task.dvae_workdir is empty: the transformer needs a "
+                             "trained dVAE's workdir to turn images into tokens")
+        dvae_config = restore.load_config(task.dvae_workdir)
+        if dvae_config.task.name != "dvae":
+            raise ValueError(f"config.task.dvae_workdir={task.dvae_workdir!r} holds a "
+                             f"{dvae_config.task.name!r} run, not a dVAE")
+        self._check_dvae_matches(dvae_config.model)
+        self.dvae_model_config = dvae_config.model
+        self.dvae_graphdef = nnx.graphdef(nnx.eval_shape(
+            lambda: DVAE(dvae_config.model, jnp.dtype(config.train.compute_dtype),
+                         nnx.Rngs(0))))
+        for key in ("text_loss_weight", "image_loss_weight"):
+            if task[key] < 0:
+                raise ValueError(f"config.task.{key}={task[key]} must be >= 0")
+        if not 0 <= task.caption_dropout < 1:
+            raise ValueError(f"config.task.caption_dropout={task.caption_dropout} must be in [0, 1)")
+
+    def _check_dvae_matches(self, dvae):
+        cfg, data = self.config, self.config.data
+        grid = dvae.image_size // 2 ** (dvae.num_groups - 1)
+        for what, ours, theirs in (
+                ("config.model.grid_size", cfg.model.grid_size, grid),
+                ("config.model.image_vocab_size", cfg.model.image_vocab_size, dvae.vocab_size),
+                ("config.data.image_size", data.image_size, dvae.image_size)):
+            if ours != theirs:
+                raise ValueError(f"{what}={ours} does not match the dVAE in "
+                                 f"{cfg.task.dvae_workdir!r} ({theirs})")
+
+    # --- the Task interface -------------------------------------------------------------
+
+    def build_model(self, rngs: nnx.Rngs) -> dalle_model.DALLE:
+        return dalle_model.DALLE(self.model_config, rngs=rngs)
+
+    def frozen_state(self) -> nnx.State:
+        """The dVAE's (EMA) weights, which every step uses and none trains."""
+        from dalle_jax.training import restore
+
+        model, _ = restore.load_model(self.config.task.dvae_workdir)
+        return nnx.state(model)
+
+    def image_tokens(self, batch) -> jax.Array:
+        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])
+        tokens = dvae.encode(batch["image"])
+        return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], -1))
+
+    def _weighted(self, sums):
+        task = self.config.task
+        text = sums["text_nll"] / jnp.maximum(sums["text_count"], 1.0)
+        image = sums["image_nll"] / jnp.maximum(sums["image_count"], 1.0)
+        return task.text_loss_weight * text + task.image_loss_weight * image, text, image
+
+    def loss(self, model, batch, rng, step):
+        del step
+        text = drop_captions(batch["text"], rng, self.config.task.caption_dropout)
+        tokens = self.image_tokens(batch)
+        text_logits, image_logits = model(text, tokens)
+        sums = segment_nll_sums(text_logits, image_logits, text, tokens, batch["mask"])
+        loss, text_loss, image_loss = self._weighted(sums)
+        return loss, {"text_loss": text_loss, "image_loss": image_loss}
+
+    def eval_sums(self, model, batch):
+        tokens = self.image_tokens(batch)
+        text_logits, image_logits = model(batch["text"], tokens)
+        sums = segment_nll_sums(text_logits, image_logits, batch["text"], tokens, batch["mask"])
+        return dict(sums, count=jnp.sum(batch["mask"].astype(jnp.float32)))
+
+    def summarize(self, sums):
+        loss, text, image = self._weighted({k: np.asarray(v, np.float64) for k, v in sums.items()})
+        return {"loss": float(loss), "text_loss": float(text), "image_loss": float(image),
+                "image_perplexity": float(np.exp(image))}
+
+    def log_images(self, model, batch):
+        """Rows of [original | its dVAE reconstruction | a sample for its caption]."""
+        count = min(4, batch["image"].shape[0])
+        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])
+        images = batch["image"][:count]
+        tokens = dvae.encode(images)
+        samples = sample_tokens_naively(model, batch["text"][:count], jax.random.key(0))
+        pictures = [images.astype(jnp.float32) / 255.0, dvae.decode(tokens),
+                    dvae.decode(samples.reshape(tokens.shape))]
+        rows = jnp.concatenate(pictures, axis=2)  # side by side
+        grid = rows.reshape(-1, *rows.shape[2:])  # rows stacked
+        return (jnp.clip(grid, 0, 1) * 255).round().astype(jnp.uint8)
+
+
+def sample_tokens_naively(model, text: jax.Array, rng: jax.Array,
+                          temperature: float = 1.0) -> jax.Array:
+    """Image tokens (B, N) drawn one at a time with a full forward pass each.
+
+    O(N²) work and no cache: only for the training loop's few logged samples; `sample.py`
+    decodes with a KV cache.
+    """
+    n = model.cfg.image_length
+
+    def body(i, tokens):
+        _, logits = model(text, tokens)
+        choice = jax.random.categorical(jax.random.fold_in(rng, i), logits[:, i] / temperature)
+        return tokens.at[:, i].set(choice.astype(jnp.int32))
+
+    return jax.lax.fori_loop(0, n, body, jnp.zeros((text.shape[0], n), jnp.int32))
