@@ -79,7 +79,8 @@ def main(argv):
     qkv = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)]
     print(f"layout: text {layout.text_len} + {layout.grid_h}x{layout.grid_w} image "
           f"(L = {layout.length}), q/k/v {shape} float32, forward+backward, 1 CPU device "
-          f"of {os.cpu_count()} cores; row block {attn.ROW_BLOCK}, conv tile {attn.CONV_TILE}")
+          f"of {os.cpu_count()} cores; row block {attn.ROW_BLOCK}, conv block "
+          f"{attn.CONV_ROWS} image row(s)")
     per_score = 4 * FLAGS.batch * FLAGS.heads * FLAGS.head_dim
     times = {}
     for kind in attn.SPARSE_KINDS:

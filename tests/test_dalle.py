@@ -254,3 +254,27 @@ def test_12b_partition_specs_match_the_golden_file():
         golden = json.load(f)
     assert specs == golden
     assert specs["stack/blocks/attention/query"] == str(jax.P(None, "fsdp", "tensor", None))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_rematerialisation_changes_memory_not_results(small, remat):
+    cfg, model = small
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    expected_loss, expected_grads = _one_device(model, text, tokens)
+    rematted = nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, remat=remat),
+                                                  rngs=fast_rngs())), nnx.state(model))
+    loss, grads = _one_device(rematted, text, tokens)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("attention", "flash", "config.model.attention='flash'"),
+    ("remat", "some", "config.model.remat='some'"),
+    ("depth", 0, "config.model.depth=0"),
+])
+def test_bad_model_config_is_a_one_line_error(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        cfg = small_config(**{key: value})
+        dalle.DALLE(cfg, rngs=fast_rngs())

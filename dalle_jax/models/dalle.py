@@ -128,3 +128,23 @@ class DALLE(nnx.Module):
         t = self.cfg.text_length
         h = self.hidden(text, image_tokens)
         return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t - 1:-1])
+
+
+def flops_per_example(cfg: DalleConfig) -> float:
+    """Training FLOPs of one example (forward + backward = 3 × forward), counted by formula.
+
+    Matmuls count 2 FLOPs per multiply-add: q/k/v/out projections and the MLP at every
+    position, the two output heads at the positions they score, and for attention only the
+    (query, key) pairs its mask keeps (q·k and the weighted sum of values). Embedding lookups,
+    norms and softmax are left out, as in the usual 6·N·tokens accounting.
+    """
+    b = cfg.block
+    length = cfg.text_length + cfg.image_length
+    inner = b.num_heads * b.head_dim
+    per_position = 2 * (4 * b.d_model * inner + 2 * b.d_model * b.mlp_dim)
+    heads = 2 * b.d_model * (cfg.text_vocab_size * (cfg.text_length - 1)
+                             + cfg.image_vocab_size * cfg.image_length)
+    attention = sum(4 * inner * attention_lib.kept_score_count(kind, cfg.layout)
+                    for kind in attention_lib.layer_kinds(b.depth))
+    return 3.0 * (b.depth * length * per_position + heads + attention)
+

@@ -103,6 +103,10 @@ class DalleTask:
     def build_model(self, rngs: nnx.Rngs) -> dalle_model.DALLE:
         return dalle_model.DALLE(self.model_config, rngs=rngs)
 
+    def flops_per_example(self) -> float:
+        """The transformer's training FLOPs per example (the dVAE's encoding is not counted)."""
+        return dalle_model.flops_per_example(self.model_config)
+
     def frozen_state(self) -> nnx.State:
         """The dVAE's (EMA) weights, which every step uses and none trains."""
         from dalle_jax.training import restore

@@ -112,7 +112,16 @@ class Trainer:
                          out_shardings=(self.shardings, self.replicated), donate_argnums=0)
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
             self.compiled_train_step = jitted.lower(state, batch, self.frozen).compile()
-        self.flops_per_step = flops_per_step(self.compiled_train_step)
+        self.flops_per_step = self._step_flops()
+
+    def _step_flops(self) -> float:
+        """FLOPs of one step over all devices: the task's own count when it has one (XLA's
+        cost analysis counts a scanned layer once, and every score block a mask removes),
+        else XLA's per-device figure times the devices."""
+        per_example = getattr(self.task, "flops_per_example", None)
+        if per_example is not None:
+            return per_example() * self.config.data.batch_size
+        return flops_per_step(self.compiled_train_step) * self.mesh.size
 
     def train_step(self, state, batch):
         """One compiled step (compiled on first use): (new state, metrics)."""
