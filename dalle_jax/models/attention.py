@@ -100,8 +100,8 @@ def _image_rule(kind: str, a, b, layout: Layout):
         return causal & (a - b <= w)
     if kind == "column":
         return causal & ((a - b) % w == 0)
-    return (causal & (np.abs(a // w - b // w) <= radius)
-            & (np.abs(a % w - b % w) <= radius))
+    # Builtin abs: works on numpy arrays here and on traced positions when decoding.
+    return causal & (abs(a // w - b // w) <= radius) & (abs(a % w - b % w) <= radius)
 
 
 def dense_mask(kind: str, layout: Layout) -> np.ndarray:
@@ -301,3 +301,54 @@ def attention(q, k, v, kind: str, layout: Layout, implementation: str = "sparse"
         _check_shapes(q, k, v, kind, layout)
         return dense_attention(q, k, v, None if kind == "full" else dense_mask(kind, layout))
     raise ValueError(f"attention implementation {implementation!r} is not 'sparse' or 'dense'")
+
+
+# --- decoding: one image query against a key/value cache --------------------------------
+
+def _window_candidates(kind: str, layout: Layout, a):
+    """Raster positions a superset of whose members image query `a` (traced) may see.
+
+    Static in number whatever `a` is, so a decode step compiles once and costs the same at
+    every position: W+1 for "row", grid_h for "column", (k//2+1)·k for "conv".
+    """
+    w, h, radius = layout.grid_w, layout.grid_h, layout.conv_kernel // 2
+    if kind == "row":
+        return a - w + jnp.arange(w + 1)
+    if kind == "column":
+        return a % w + w * jnp.arange(h)
+    rows = a // w - radius + jnp.arange(radius + 1)
+    cols = a % w - radius + jnp.arange(2 * radius + 1)
+    inside_row = (cols >= 0) & (cols < w)
+    # A column outside the grid would alias a neighbouring row's position: push it out.
+    return jnp.where(inside_row[None, :], rows[:, None] * w + cols[None, :], -1).reshape(-1)
+
+
+def decode_keys(kind: str, layout: Layout, a, implementation: str = "sparse"):
+    """(cache positions int32 [K], valid bool [K]) that image query `a` reads when decoding.
+
+    "sparse" reads all text positions plus the layer's window (the cost of a token does not
+    grow with its position); "dense" reads the whole cache with the mask's row (the reference).
+    Validity always comes from `_image_rule`, the patterns' single definition.
+    """
+    if kind not in SPARSE_KINDS:
+        raise ValueError(f"decoding reads image keys of a sparse kind, not {kind!r}")
+    t, n = layout.text_len, layout.image_len
+    b = jnp.arange(n) if implementation == "dense" else _window_candidates(kind, layout, a)
+    valid = (b >= 0) & (b < n) & _image_rule(kind, a, b, layout)
+    positions = jnp.concatenate([jnp.arange(t), t + jnp.clip(b, 0, n - 1)]).astype(jnp.int32)
+    return positions, jnp.concatenate([jnp.ones((t,), bool), valid])
+
+
+def cached_attention(q, k_cache, v_cache, positions, valid, layer=None):
+    """One query per example, q [B, 1, h, d], over the cache entries at `positions` [K].
+
+    k_cache, v_cache: [B, L, h, d], or [layers, B, L, h, d] with the `layer` to read: one
+    gather then reads only the K entries, not the layer's whole cache.
+    Scores and softmax in float32, output [B, 1, h, d].
+    """
+    if layer is None:
+        k, v = jnp.take(k_cache, positions, axis=1), jnp.take(v_cache, positions, axis=1)
+    else:  # Advanced indices around a slice put the K axis first: [K, B, h, d].
+        k, v = (jnp.moveaxis(c[layer, :, positions], 0, 1) for c in (k_cache, v_cache))
+    return dense_attention(q, k, v, valid[None, None, None, :])
+

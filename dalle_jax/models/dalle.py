@@ -129,6 +129,30 @@ class DALLE(nnx.Module):
         h = self.hidden(text, image_tokens)
         return self.text_logits(h[:, :t - 1]), self.image_logits(h[:, t - 1:-1])
 
+    # --- decoding with a key/value cache (dalle_jax/sampling uses these) ------------------
+
+    def init_cache(self, batch: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """Zeroed keys and values, [depth, batch, text + image length, heads, head_dim]."""
+        b = self.cfg.block
+        shape = (b.depth, batch, self.cfg.layout.length, b.num_heads, b.head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def prefill(self, text: jax.Array, cache: tuple[jax.Array, jax.Array]):
+        """The caption in one pass: (logits of the first image token (B, image_vocab), cache)."""
+        x = self.embed_text(text).astype(jnp.dtype(self.cfg.block.dtype))
+        x, keys, values = self.stack.prefill(x)
+        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, 0, 0, 0))
+                      for c, new in zip(cache, (keys, values)))
+        return self.image_logits(self.final_norm(x[:, -1:]))[:, 0], cache
+
+    def decode_step(self, token: jax.Array, a: jax.Array, cache, implementation="sparse"):
+        """Feed image token `a` (B,): (logits of token a+1 (B, image_vocab), cache)."""
+        g = self.cfg.grid_size
+        x = (self.image_embed(token) + self.row_embed(a // g) + self.column_embed(a % g))[:, None]
+        x, cache = self.stack.decode(x.astype(jnp.dtype(self.cfg.block.dtype)), cache, a,
+                                     implementation)
+        return self.image_logits(self.final_norm(x))[:, 0], cache
+
 
 def flops_per_example(cfg: DalleConfig) -> float:
     """Training FLOPs of one example (forward + backward = 3 × forward), counted by formula.

@@ -104,11 +104,13 @@ class Block(nnx.Module):
         self.mlp_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attend) -> jax.Array:
-        """`attend(q, k, v) -> o` is the layer's attention pattern (see `Stack`)."""
+    def __call__(self, x: jax.Array, attend):
+        """(x, extra), where `attend(q, k, v) -> (o, extra)` is the layer's attention: the
+        training pattern (extra None), or a cached decode that returns the updated cache."""
         q, k, v = self.attention.project(self.attention_norm(x))
-        x = x + self.attention.output(attend(q, k, v)).astype(x.dtype)
-        return layers.constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), ACT)
+        o, extra = attend(q, k, v)
+        x = x + self.attention.output(o).astype(x.dtype)
+        return layers.constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), ACT), extra
 
 
 def _remat(fn, policy: str):
@@ -149,20 +151,82 @@ class Stack(nnx.Module):
                                   implementation=self.implementation)
                 for kind in self.distinct_kinds]
 
+    def _kind_index(self) -> jax.Array:
+        return jnp.asarray([self.distinct_kinds.index(k) for k in self.kinds], jnp.int32)
+
+    def _pick(self, fns, index, *args):
+        """fns[index](*args): a plain call when the stack has one kind, else `lax.switch`."""
+        if len(fns) == 1:
+            return fns[0](*args)
+        return jax.lax.switch(index, fns, *args)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         graphdef, state = nnx.split(self.blocks)
         attend_fns = self.attend_fns()
-        kind_index = jnp.asarray([self.distinct_kinds.index(k) for k in self.kinds], jnp.int32)
 
         def layer(x, inputs):
             block_state, index = inputs
             block = nnx.merge(graphdef, block_state)
-            if len(attend_fns) == 1:
-                attend = attend_fns[0]
-            else:
-                def attend(q, k, v):
-                    return jax.lax.switch(index, attend_fns, q, k, v)
-            return block(x, attend), None
+            x, _ = block(x, lambda q, k, v: (self._pick(attend_fns, index, q, k, v), None))
+            return x, None
 
-        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, kind_index))
+        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, self._kind_index()))
         return x
+
+    # --- decoding with a key/value cache --------------------------------------------------
+
+    def prefill(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The caption (B, T, d) through every layer: (x, keys, values), keys/values
+        [depth, B, T, heads, head_dim]. Caption queries attend causally to the caption in every
+        kind of layer, so this is the training forward pass restricted to the caption."""
+        graphdef, state = nnx.split(self.blocks)
+        mask = attention_lib.dense_mask("causal", attention_lib.Layout(x.shape[1]))
+
+        def layer(x, block_state):
+            block = nnx.merge(graphdef, block_state)
+            return block(x, lambda q, k, v: (attention_lib.dense_attention(q, k, v, mask),
+                                             (k, v)))
+
+        x, (keys, values) = jax.lax.scan(layer, x, state)
+        return x, keys, values
+
+    def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], a: jax.Array,
+               implementation: str = "sparse"):
+        """One image position `a` (x: (B, 1, d)) through every layer: (x, cache).
+
+        cache: keys and values [depth, B, L, heads, head_dim], updated in place at stream
+        position text_len + a. Each layer reads only what its kind lets it see ("sparse": the
+        caption and the layer's window; "dense": the whole cache, masked, as a reference).
+        """
+        graphdef, state = nnx.split(self.blocks)
+        position = self.layout.text_len + a
+
+        def read(kind):
+            def attend(q, keys, values, layer_index):
+                positions, valid = attention_lib.decode_keys(kind, self.layout, a,
+                                                             implementation)
+                return attention_lib.cached_attention(q, keys, values, positions, valid,
+                                                      layer_index)
+            return attend
+
+        readers = [read(kind) for kind in self.distinct_kinds]
+
+        def layer(carry, inputs):
+            x, keys, values = carry
+            block_state, index, layer_index = inputs
+            block = nnx.merge(graphdef, block_state)
+
+            def attend(q, k, v):
+                at = (layer_index, 0, position, 0, 0)
+                new_keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
+                new_values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
+                                                          at)
+                o = self._pick(readers, index, q, new_keys, new_values, layer_index)
+                return o, (new_keys, new_values)
+
+            x, (keys, values) = block(x, attend)
+            return (x, keys, values), None
+
+        inputs = (state, self._kind_index(), jnp.arange(len(self.kinds)))
+        (x, keys, values), _ = jax.lax.scan(layer, (x, *cache), inputs)
+        return x, (keys, values)
