@@ -1,0 +1,184 @@
+"""Images from captions with a trained transformer workdir: the Python API behind sample.py.
+
+    from dalle_jax.sampling.generator import Generator
+    generate = Generator.from_workdir("workdirs/dalle_mini")
+    images = generate(["a red circle above a blue square"], n=4, seed=0)  # float (4, S, S, 3)
+    pictures = generate(["a green triangle"], n=2, as_pil=True)           # PIL images
+
+Prompts × n images are drawn in batches of a fixed size (the last one padded), so one compiled
+program serves every call; image i of a prompt uses the key fold_in(key(seed), i), so it is the
+same whatever else is drawn with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dalle_jax.sampling import decode
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # 1 = no nucleus cut
+    guidance: float = 1.0  # classifier-free guidance scale; 1 = the conditional model alone
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = no limit)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def image_keys(seed: int, indices) -> jax.Array:
+    """One key per image, from (seed, index) alone."""
+    base = jax.random.key(seed)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(indices, jnp.uint32))
+
+
+class Generator:
+    def __init__(self, model, codec, tokenizer, *, batch_size: int = 8,
+                 implementation: str = "sparse"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        self.model, self.codec, self.tokenizer = model, codec, tokenizer
+        self.batch_size, self.implementation = batch_size, implementation
+        self.text_length = model.cfg.text_length
+        graphdef, self._state = nnx.split(model)
+
+        def sample(state, text, keys, controls, guided, implementation):
+            return decode.sample_image_tokens(nnx.merge(graphdef, state), text, keys, controls,
+                                              guided=guided, implementation=implementation)
+
+        self._sample = jax.jit(sample, static_argnames=("guided", "implementation"))
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
+                     implementation: str = "sparse") -> "Generator":
+        from dalle_jax import run
+        from dalle_jax.models.codec import ImageCodec
+        from dalle_jax.text.tokenizer import Tokenizer
+        from dalle_jax.training import restore
+
+        config = restore.load_config(workdir)
+        if config.task.name != "dalle":
+            raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not a transformer")
+        model, config = restore.load_model(workdir, use_ema=use_ema)
+        codec = ImageCodec.from_workdir(config.task.dvae_workdir)
+        if (codec.grid_size, codec.vocab_size) != (model.cfg.grid_size, model.cfg.image_vocab_size):
+            raise ValueError(
+                f"the dVAE in {config.task.dvae_workdir!r} makes {codec.grid_size}×"
+                f"{codec.grid_size} tokens of {codec.vocab_size} codes, the transformer in "
+                f"{workdir!r} expects {model.cfg.grid_size}×{model.cfg.grid_size} of "
+                f"{model.cfg.image_vocab_size}")
+        tokenizer = Tokenizer(run.tokenizer_path(config, workdir))
+        if tokenizer.vocab_size > model.cfg.text_vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more "
+                             f"than the transformer's {model.cfg.text_vocab_size}")
+        return cls(model, codec, tokenizer, batch_size=batch_size,
+                   implementation=implementation)
+
+    # --- inputs -------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        rows = []
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt {prompt!r} is empty")
+            if self.tokenizer.count(prompt) > self.text_length:
+                logging.warning("prompt %r needs %d tokens, more than the model's %d: truncated",
+                                prompt, self.tokenizer.count(prompt), self.text_length)
+            rows.append(self.tokenizer.encode(prompt, self.text_length))
+        return np.stack(rows)
+
+    def image_tokens_to_keep(self, image: np.ndarray) -> np.ndarray:
+        """The dVAE tokens (N,) of one uint8 image, resized to the model's size if needed."""
+        from PIL import Image
+
+        size = self.codec.image_size
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"the image to complete must be (H, W, 3) RGB, got {image.shape}")
+        if image.shape[:2] != (size, size):
+            logging.warning("image of %dx%d resized to the model's %dx%d", image.shape[1],
+                            image.shape[0], size, size)
+            image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(
+                (size, size), Image.BICUBIC))
+        return self.codec.encode(image[None].astype(np.uint8))[0].reshape(-1)
+
+    # --- drawing ------------------------------------------------------------------------
+
+    def tokens(self, prompts: list[str], n: int = 4, seed: int = 0,
+               settings: Settings = Settings(), given: np.ndarray | None = None,
+               keep: int = 0, progress=None) -> np.ndarray:
+        """int32 (len(prompts)·n, N) image tokens, prompt-major; `given` (N,) tokens of which
+        the first `keep` are kept as they are (image completion)."""
+        if n < 1:
+            raise ValueError(f"n={n} must be at least 1 image per prompt")
+        if not prompts:
+            raise ValueError("no prompts given")
+        image_length = self.model.cfg.image_length
+        if not 0 <= keep <= image_length:
+            raise ValueError(f"keep={keep} tokens must be in [0, {image_length}]")
+        text = np.repeat(self.encode_prompts(list(prompts)), n, axis=0)
+        indices = np.tile(np.arange(n), len(prompts))
+        given = np.zeros((image_length,), np.int32) if given is None else np.asarray(given)
+        guided = settings.guidance != 1.0
+        out = []
+        for start in range(0, len(text), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            count = len(text[rows])
+            pad = self.batch_size - count
+            controls = {
+                "temperature": jnp.float32(settings.temperature),
+                "top_k": jnp.int32(settings.top_k), "top_p": jnp.float32(settings.top_p),
+                "guidance": jnp.float32(settings.guidance),
+                "given": jnp.asarray(np.tile(given, (self.batch_size, 1)), jnp.int32),
+                "keep": jnp.full((self.batch_size,), keep, jnp.int32)}
+            batch_text = np.concatenate([text[rows], np.repeat(text[:1], pad, axis=0)])
+            keys = image_keys(seed, np.concatenate([indices[rows], np.zeros(pad, int)]))
+            tokens = self._sample(self._state, jnp.asarray(batch_text), keys, controls,
+                                  guided=guided, implementation=self.implementation)
+            out.append(np.asarray(tokens)[:count])
+            if progress is not None:
+                progress(count)
+        return np.concatenate(out)
+
+    def __call__(self, prompts, n: int = 4, seed: int = 0, *, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0,
+                 image: np.ndarray | None = None, keep_rows: int = 0, keep_tokens: int = 0,
+                 as_pil: bool = False, progress=None):
+        """Images for `prompts` (a string or a list): float32 (len·n, S, S, 3) in [0, 1], or
+        PIL images with `as_pil`. With `image`, its first `keep_rows` token rows (or
+        `keep_tokens` tokens) are kept and the rest is completed."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        settings = Settings(temperature, top_k, top_p, guidance)
+        given, keep = None, 0
+        if image is not None:
+            keep = keep_tokens or keep_rows * self.model.cfg.grid_size
+            given = self.image_tokens_to_keep(image)
+        elif keep_rows or keep_tokens:
+            raise ValueError("keep_rows / keep_tokens need an image to complete")
+        tokens = self.tokens(prompts, n, seed, settings, given, keep, progress)
+        grid = self.model.cfg.grid_size
+        images = self.codec.decode(tokens.reshape(-1, grid, grid))
+        if not as_pil:
+            return images
+        from PIL import Image
+
+        return [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
+                for im in images]
+
+    @property
+    def compilations(self) -> int:
+        """Programs compiled so far (a new prompt or seed must not add one)."""
+        return self._sample._cache_size()
+

@@ -1,0 +1,145 @@
+"""KV-cached decoding and sampling controls, against the teacher-forced model and each other."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dalle_jax.models import dalle
+from dalle_jax.sampling import decode
+from dalle_jax.sampling.generator import Generator, Settings, image_keys
+from test_dalle import captions, fast_rngs, image_tokens, small_config
+
+
+@pytest.fixture(scope="module")
+def small():
+    cfg = small_config()
+    return cfg, dalle.DALLE(cfg, rngs=fast_rngs())
+
+
+@pytest.mark.parametrize("implementation", ["sparse", "dense"])
+def test_cached_logits_equal_the_teacher_forced_forward_at_every_step(small, implementation):
+    cfg, model = small
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    _, teacher_forced = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
+
+    @nnx.jit
+    def cached(model, text, tokens):
+        first, cache = model.prefill(text, model.init_cache(text.shape[0]))
+        out = jnp.zeros(teacher_forced.shape).at[:, 0].set(first)
+
+        def step(a, carry):
+            cache, out = carry
+            logits, cache = model.decode_step(tokens[:, a], a, cache, implementation)
+            return cache, out.at[:, a + 1].set(logits)
+
+        return jax.lax.fori_loop(0, cfg.image_length - 1, step, (cache, out))[1]
+
+    np.testing.assert_allclose(cached(model, text, tokens), teacher_forced, atol=2e-5)
+
+
+def sample(model, text, seeds, guided=False, **controls):
+    batch = text.shape[0]
+    merged = dict(decode.default_controls(batch))
+    merged.update({k: jnp.asarray(v) for k, v in controls.items()})
+    fn = nnx.jit(decode.sample_image_tokens, static_argnames=("guided", "implementation"))
+    return np.asarray(fn(model, jnp.asarray(text), image_keys(0, seeds), merged, guided=guided))
+
+
+def test_greedy_decoding_equals_argmax_of_the_teacher_forced_model(small):
+    cfg, model = small
+    text = captions(cfg, [1, 4])
+    tokens = sample(model, text, [0, 1], temperature=0.0)
+    _, logits = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
+    np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_top_k_one_is_greedy_and_guidance_one_is_conditional(small):
+    cfg, model = small
+    text = captions(cfg, [2, 3, 1])
+    greedy = sample(model, text, [0, 1, 2], temperature=0.0)
+    np.testing.assert_array_equal(sample(model, text, [0, 1, 2], top_k=1), greedy)
+    plain = sample(model, text, [5, 6, 7], temperature=1.0)
+    guided = sample(model, text, [5, 6, 7], guided=True, guidance=1.0)
+    np.testing.assert_array_equal(guided, plain)
+    cond, uncond = np.full((3, 4), 2.0), np.full((3, 4), 0.5)
+    mixed = decode.guided_logits(jnp.asarray(np.concatenate([cond, uncond])), 3.0, 3)
+    np.testing.assert_allclose(mixed, 0.5 + 3.0 * (2.0 - 0.5))
+
+
+def test_an_image_depends_only_on_its_caption_and_key(small):
+    cfg, model = small
+    text = captions(cfg, [2, 3, 1, 4], seed=3)
+    together = sample(model, text, [0, 1, 2, 3])
+    reordered = sample(model, text[[2, 0, 3, 1]], [2, 0, 3, 1])
+    np.testing.assert_array_equal(reordered, together[[2, 0, 3, 1]])
+    assert len({tuple(row) for row in together}) == 4  # different keys, different images
+
+
+def test_completion_keeps_the_given_tokens_exactly(small):
+    cfg, model = small
+    text = captions(cfg, [2, 2])
+    given = image_tokens(cfg, 2, seed=9)
+    keep = np.array([5, 11], np.int32)
+    tokens = sample(model, text, [0, 1], given=given, keep=keep)
+    for row, k in enumerate(keep):
+        np.testing.assert_array_equal(tokens[row, :k], given[row, :k])
+    assert not np.array_equal(tokens[0, 5:], given[0, 5:])
+
+
+def test_filters_match_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    for top_k, top_p in [(5, 1.0), (0, 0.6), (7, 0.3), (0, 1.0), (1, 1.0)]:
+        kept = np.isfinite(np.asarray(decode.filter_logits(jnp.asarray(logits), jnp.int32(top_k),
+                                                           jnp.float32(top_p))))
+        for row in range(3):
+            order = np.argsort(-logits[row])
+            probs = np.exp(logits[row][order] - logits[row].max())
+            probs /= probs.sum()
+            allowed = set(order[:top_k]) if top_k else set(order)
+            mass, nucleus = 0.0, set()
+            for token, p in zip(order, probs):
+                if mass >= top_p:
+                    break
+                nucleus.add(token)
+                mass += p
+            assert set(np.nonzero(kept[row])[0]) == (allowed & nucleus), (top_k, top_p, row)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="top_p=0"):
+        Settings(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        Settings(temperature=-1.0)
+
+
+class FakeTokenizer:
+    """Word ids from a fixed table: enough to drive the Generator without SentencePiece."""
+    vocab_size = 16
+
+    def count(self, caption):
+        return len(caption.split()) + 2
+
+    def encode(self, caption, length):
+        ids = np.zeros(length, np.int32)
+        words = [4 + (sum(map(ord, w)) % 12) for w in caption.split()][:length - 2]
+        ids[0], ids[1:1 + len(words)], ids[1 + len(words)] = 2, words, 3
+        return ids
+
+
+def test_new_prompts_and_seeds_do_not_recompile(small):
+    cfg, model = small
+    generate = Generator(model, codec=None, tokenizer=FakeTokenizer(), batch_size=4)
+    first = generate.tokens(["a red circle", "a blue square"], n=3, seed=0)  # 6 = 4 + padded 2
+    assert first.shape == (6, cfg.image_length)
+    generate.tokens(["a green triangle above a red square"], n=2, seed=7,
+                    settings=Settings(temperature=0.7, top_k=5, top_p=0.9))
+    assert generate.compilations == 1
+    # The same (prompt, seed, index) draws the same image in another batch composition.
+    again = generate.tokens(["a blue square"], n=3, seed=0)
+    np.testing.assert_array_equal(again, first[3:])
+    with pytest.raises(ValueError, match="n=0"):
+        generate.tokens(["a red circle"], n=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate.tokens(["  "], n=1)
