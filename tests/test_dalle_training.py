@@ -1,9 +1,21 @@
-"""The transformer through the training loop, on tokens from a (tiny) trained dVAE."""
+"""The transformer through the training loop, on tokens from a (tiny) trained dVAE, and
+sampling from the trained workdir."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from dalle_jax import config_lib
 from dalle_jax.tasks import get_task
+from dalle_jax.sampling.generator import Generator
 from dalle_jax.training import loop, metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +36,10 @@ def dvae_workdir(mini_config, tmp_path_factory):
 
 @pytest.fixture
 def tiny_dalle_config(mini_config, dvae_workdir):
+    return _tiny_dalle_config(mini_config, dvae_workdir)
+
+
+def _tiny_dalle_config(mini_config, dvae_workdir):
     config = config_lib.load("dalle_mini")
     config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
     config.data.shapes.update(mini_config().data.shapes.to_dict())
@@ -37,16 +53,56 @@ def tiny_dalle_config(mini_config, dvae_workdir):
     return config
 
 
-def test_short_training_lowers_the_validation_loss(tiny_dalle_config, tmp_path):
-    config = tiny_dalle_config
-    trainer = loop.Trainer(config, str(tmp_path / "init"))
+@pytest.fixture(scope="module")
+def trained(mini_config, dvae_workdir, tmp_path_factory):
+    """(config, workdir, validation metrics at initialisation) of a short transformer run."""
+    config = _tiny_dalle_config(mini_config, dvae_workdir)
+    root = tmp_path_factory.mktemp("dalle")
+    trainer = loop.Trainer(config, str(root / "init"))
     initial = trainer.evaluate(trainer._init())
-    workdir = str(tmp_path / "run")
-    loop.train(config, workdir)
+    loop.train(config, str(root / "run"))
+    return config, str(root / "run"), initial
+
+
+def test_short_training_lowers_the_validation_loss(trained):
+    _, workdir, initial = trained
     final = [r for r in metrics_lib.read_metrics(workdir) if "eval/loss" in r][-1]
     assert final["eval/loss"] < 0.6 * initial["loss"], (initial, final)
     assert final["eval/text_loss"] < 0.9 * initial["text_loss"], (initial, final)
-    assert list((tmp_path / "run" / "images").glob("*.png"))  # sample grids were logged
+    assert glob.glob(os.path.join(workdir, "images", "*.png"))  # sample grids were logged
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_sample_cli_writes_images_grids_and_a_record(trained, tmp_path):
+    config, workdir, _ = trained
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(photo)  # wrong size: resized
+    out = tmp_path / "out"
+    result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--prompt",
+                        "a blue square above a green triangle", "--n", "3", "--out", str(out),
+                        "--image", str(photo), "--keep_rows", "2", "--temperature", "0.8",
+                        "--batch_size", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resized" in result.stderr
+    assert len(list(out.glob("0*_*.png"))) == 6 and len(list(out.glob("grid_*.png"))) == 2
+    with open(out / "samples.json") as f:
+        record = json.load(f)
+    assert record["prompts"][1] == "a blue square above a green triangle"
+    assert record["settings"]["keep_rows"] == 2 and len(record["images"]) == 6
+    assert np.asarray(Image.open(out / "000_000.png")).shape == (32, 32, 3)
+
+    result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--n", "0")
+    assert result.returncode != 0 and "--n=0" in result.stderr
+
+
+def test_generator_refuses_a_dvae_workdir(trained):
+    config, _, _ = trained
+    with pytest.raises(ValueError, match="not a transformer"):
+        Generator.from_workdir(config.task.dvae_workdir)
 
 
 def test_dvae_that_does_not_fit_is_a_one_line_error(tiny_dalle_config):

@@ -1,0 +1,265 @@
+"""Cached image decoding speed of the DALL·E transformer: "sparse" vs "dense" cache reads.
+
+    python benchmarks/decode_speed.py [--batch=4] [--sample_batches=1] [--repeats=3]
+
+A CPU-sized model (d_model 512, 8 layers, 8 heads of 64, mlp 2048, vocabularies of 1024, all
+flags) with random weights at the paper's stream (256 text + 32×32 image tokens), float32, one
+CPU device. Times are best-of-N wall clock on a shared machine, the compared paths taking
+turns; every ratio compares numbers measured in this run.
+
+1. Image tokens/s: the jitted `sample_image_tokens` (prefill + a fori_loop of 1023 decode steps,
+   temperature 1) drawing whole 32×32 images at each --sample_batches batch, best of
+   --sample_repeats calls (no warm-up call: one call takes ~a minute), "sparse" vs "dense":
+   tokens/s = batch·1024 / seconds.
+2. Per-token time against position: one jitted `decode_step` (position a traced, so one
+   compilation; the cache donated, so it is updated in place as in the loop) called at
+   a = 1..31 (first image row) and a = 992..1022 (last row), at batch 1 and --batch: per
+   position the best of --repeats calls, then each row's mean; ratio last row / first row.
+3. Cached vs uncached: this model's forward always processes the full 1280-token stream, so
+   drawing an image by recomputing the prefix at every step costs 1023 × the jitted
+   `model(text, tokens)` (best of --repeats; the "sparse" training attention). Also given: a
+   length-proportional estimate, Σ_a (256 + a + 1)/1280 × forward, the best a model taking
+   shorter streams could do if time grew linearly with length. Speed-up = that / figure 1.
+4. Compile: wall time of `jit(sampler).lower(...).compile()`; memory from
+   `compiled.memory_analysis()` (argument + output + temp bytes); the KV cache is
+   2 · depth · batch · 1280 · heads · head_dim · 4 bytes.
+5. Memory-bandwidth bound: bytes read by a decode step = float32 parameters of the stack, final
+   norm and image head (once per step, whatever the batch) + batch × the cache entries each
+   layer reads (keys and values at 256 + its window positions for "sparse", all 1280 for
+   "dense"); bandwidth = bytes / best time of a jitted jnp.sum over a --bandwidth_mb array;
+   bound = bytes / bandwidth, achieved fraction = bound / figure 2's mean of both rows.
+"""
+import functools
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+flags.DEFINE_integer("d_model", 512, "Model width.")
+flags.DEFINE_integer("depth", 8, "Transformer layers.")
+flags.DEFINE_integer("num_heads", 8, "Attention heads.")
+flags.DEFINE_integer("head_dim", 64, "Channels per head.")
+flags.DEFINE_integer("mlp_dim", 2048, "MLP hidden width.")
+flags.DEFINE_integer("text_length", 256, "Caption tokens.")
+flags.DEFINE_integer("grid_size", 32, "Image side in tokens.")
+flags.DEFINE_integer("text_vocab", 1024, "Text vocabulary.")
+flags.DEFINE_integer("image_vocab", 1024, "Image vocabulary.")
+flags.DEFINE_integer("batch", 4, "Second batch of the per-token figures (besides 1).")
+flags.DEFINE_list("sample_batches", ["1"], "Batches at which whole images are drawn.")
+flags.DEFINE_integer("repeats", 3, "Timed calls per decode step / forward (best is kept).")
+flags.DEFINE_integer("sample_repeats", 1, "Timed whole-image draws per path (best is kept).")
+flags.DEFINE_integer("bandwidth_mb", 256, "Size of the array summed to measure bandwidth.")
+FLAGS = flags.FLAGS
+IMPLEMENTATIONS = ("sparse", "dense")
+
+
+def build_model():
+    from dalle_jax import config_lib
+    from dalle_jax.models import dalle
+
+    config = config_lib.dalle_base_config()
+    config.text.update(dict(length=FLAGS.text_length, vocab_size=FLAGS.text_vocab))
+    config.model.update(dict(grid_size=FLAGS.grid_size, image_vocab_size=FLAGS.image_vocab,
+                             d_model=FLAGS.d_model, num_heads=FLAGS.num_heads,
+                             head_dim=FLAGS.head_dim, mlp_dim=FLAGS.mlp_dim, depth=FLAGS.depth))
+    return dalle.DALLE(dalle.dalle_config(config.model, config.text, "float32"),
+                       rngs=nnx.Rngs(0))
+
+
+def random_inputs(cfg, batch: int):
+    """(captions (B, T) of random ids after bos, image tokens (B, N))."""
+    rng = np.random.default_rng(0)
+    text = rng.integers(4, cfg.text_vocab_size, (batch, cfg.text_length)).astype(np.int32)
+    text[:, 0] = 2
+    tokens = rng.integers(0, cfg.image_vocab_size, (batch, cfg.image_length)).astype(np.int32)
+    return jnp.asarray(text), jnp.asarray(tokens)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def best_of(fns: dict, repeats: int, warm_up: bool = True) -> dict:
+    """Fastest of `repeats` calls of each fn, the fns taking turns."""
+    if warm_up:
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timed(fn))
+    return best
+
+
+def read_bandwidth(megabytes: int, repeats: int) -> float:
+    """Bytes/s of a jitted jnp.sum over a float32 array of `megabytes` MB."""
+    x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    return x.nbytes / best_of({"sum": lambda: total(x)}, repeats)["sum"]
+
+
+def compile_sampler(graphdef, state, cfg, batch: int, implementation: str):
+    """(run: no-arg call drawing `batch` images, compiled, seconds to lower and compile)."""
+    from dalle_jax.sampling import decode
+
+    text, _ = random_inputs(cfg, batch)
+    args = (state, text, jax.random.split(jax.random.key(0), batch),
+            decode.default_controls(batch))
+    sample = jax.jit(lambda st, t, k, c: decode.sample_image_tokens(
+        nnx.merge(graphdef, st), t, k, c, implementation=implementation))
+    start = time.perf_counter()
+    compiled = sample.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return functools.partial(compiled, *args), compiled, seconds
+
+
+def memory_bytes(compiled):
+    """(argument + output + temp bytes, the three) of a compiled program, or None."""
+    try:
+        stats = compiled.memory_analysis()
+        parts = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                 stats.temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return sum(parts), parts
+
+
+def first_and_last_row(cfg):
+    g, n = cfg.grid_size, cfg.image_length
+    return {"first": list(range(1, g)), "last": list(range(n - g, n - 1))}
+
+
+def position_times(graphdef, state, model, batch: int, repeats: int) -> dict:
+    """{implementation: {"first"/"last": mean over the row of the best per-position time}}."""
+    def step(st, token, a, cache, implementation):
+        return nnx.merge(graphdef, st).decode_step(token, a, cache, implementation)
+
+    rows = first_and_last_row(model.cfg)
+    token = jnp.zeros((batch,), jnp.int32)
+    steps, caches, best = {}, {}, {}
+    for impl in IMPLEMENTATIONS:
+        steps[impl] = jax.jit(functools.partial(step, implementation=impl), donate_argnums=3)
+        _, caches[impl] = steps[impl](state, token, jnp.int32(1), model.init_cache(batch))
+        best[impl] = {}
+    for _ in range(repeats):
+        for pair in zip(rows["first"], rows["last"]):  # the two rows and paths take turns
+            for a in pair:
+                for impl in IMPLEMENTATIONS:
+                    start = time.perf_counter()
+                    logits, caches[impl] = steps[impl](state, token, jnp.int32(a), caches[impl])
+                    jax.block_until_ready((logits, caches[impl]))
+                    seconds = time.perf_counter() - start
+                    best[impl][a] = min(best[impl].get(a, float("inf")), seconds)
+    return {impl: {row: float(np.mean([best[impl][a] for a in positions]))
+                   for row, positions in rows.items()} for impl in IMPLEMENTATIONS}
+
+
+def parameter_bytes(model) -> int:
+    """float32 bytes of the parameters a decode step reads: stack, final norm, image head."""
+    leaves = (jax.tree.leaves(nnx.state(model.stack, nnx.Param))
+              + jax.tree.leaves(nnx.state(model.final_norm, nnx.Param))
+              + [model.image_head[...]])
+    return sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def cache_read_bytes(model, batch: int, implementation: str) -> int:
+    """Key + value bytes the decode step's gathers read, summed over the layers."""
+    from dalle_jax.models import attention as attention_lib
+
+    b = model.cfg.block
+    entries = sum(attention_lib.decode_keys(kind, model.cfg.layout, 0, implementation)[0].shape[0]
+                  for kind in attention_lib.layer_kinds(b.depth))
+    return 2 * batch * entries * b.num_heads * b.head_dim * 4
+
+
+def whole_images(graphdef, state, model, batch: int, forward_seconds: float):
+    """Figures 1, 3 and 4 at one batch."""
+    cfg = model.cfg
+    runs = {}
+    for impl in IMPLEMENTATIONS:
+        run, compiled, seconds = compile_sampler(graphdef, state, cfg, batch, impl)
+        runs[impl] = run
+        print(f"[4] compile sample_image_tokens, {impl}, batch {batch}: {seconds:.1f} s")
+        memory = memory_bytes(compiled)
+        if memory is None:
+            print(f"[4] memory_analysis unavailable ({impl}, batch {batch})")
+        else:
+            print(f"[4] compiled memory, {impl}, batch {batch}: {memory[0] / 2 ** 20:.1f} MiB "
+                  f"(argument {memory[1][0] / 2 ** 20:.1f} + output {memory[1][1] / 2 ** 20:.3f}"
+                  f" + temp {memory[1][2] / 2 ** 20:.1f} MiB)")
+    b = cfg.block
+    kv = 2 * b.depth * batch * cfg.layout.length * b.num_heads * b.head_dim * 4
+    print(f"[4] KV cache, batch {batch}: {kv / 2 ** 20:.1f} MiB")
+    times = best_of(runs, FLAGS.sample_repeats, warm_up=False)
+    n = cfg.image_length
+    for impl in IMPLEMENTATIONS:
+        print(f"[1] whole image, {impl}, batch {batch}: {times[impl]:.1f} s = "
+              f"{batch * n / times[impl]:.1f} image tokens/s "
+              f"({times[impl] / (n - 1) * 1e3:.1f} ms per decode step)")
+    print(f"[1] throughput sparse / dense, batch {batch}: "
+          f"{times['dense'] / times['sparse']:.2f}x (target >= 1.5)")
+    t = cfg.text_length
+    fixed = (n - 1) * forward_seconds
+    proportional = sum((t + a + 1) / cfg.layout.length for a in range(n - 1)) * forward_seconds
+    print(f"[3] uncached whole image, batch {batch}: 1023 x full forward = {fixed:.0f} s; "
+          f"length-proportional estimate {proportional:.0f} s")
+    for impl in IMPLEMENTATIONS:
+        print(f"[3] cached speed-up, {impl}, batch {batch}: {fixed / times[impl]:.1f}x "
+              f"(vs length-proportional: {proportional / times[impl]:.1f}x)")
+
+
+def main(argv):
+    del argv
+    names = ("d_model", "depth", "num_heads", "head_dim", "mlp_dim", "text_length", "grid_size",
+             "text_vocab", "image_vocab", "batch", "sample_batches", "repeats",
+             "sample_repeats", "bandwidth_mb")
+    print("command: python benchmarks/decode_speed.py " + " ".join(
+        f"--{name}={','.join(v) if isinstance(v := FLAGS[name].value, list) else v}"
+        for name in names))
+    model = build_model()
+    graphdef, state = nnx.split(model)
+    cfg = model.cfg
+    bandwidth = read_bandwidth(FLAGS.bandwidth_mb, FLAGS.repeats + 2)
+    print(f"[5] read bandwidth (jnp.sum over {FLAGS.bandwidth_mb} MB, 1 CPU device): "
+          f"{bandwidth / 1e9:.2f} GB/s")
+    forward = jax.jit(lambda st, text, tokens: nnx.merge(graphdef, st)(text, tokens))
+    batches = sorted({1, FLAGS.batch} | {int(b) for b in FLAGS.sample_batches})
+    forward_seconds = {}
+    for batch in batches:
+        text, tokens = random_inputs(cfg, batch)
+        forward_seconds[batch] = best_of(
+            {"forward": lambda: forward(state, text, tokens)}, FLAGS.repeats)["forward"]
+        print(f"[3] full forward ({cfg.layout.length} tokens, sparse attention), batch {batch}:"
+              f" {forward_seconds[batch] * 1e3:.0f} ms")
+    for batch in sorted({1, FLAGS.batch}):
+        rows = position_times(graphdef, state, model, batch, FLAGS.repeats)
+        for impl in IMPLEMENTATIONS:
+            first, last = rows[impl]["first"], rows[impl]["last"]
+            print(f"[2] per-token time, {impl}, batch {batch}: first row {first * 1e3:.1f} ms, "
+                  f"last row {last * 1e3:.1f} ms, last / first {last / first:.2f}"
+                  + (" (target <= 1.25)" if impl == "sparse" else ""))
+            step_bytes = parameter_bytes(model) + cache_read_bytes(model, batch, impl)
+            bound = step_bytes / bandwidth
+            print(f"[5] bytes per step, {impl}, batch {batch}: {step_bytes / 1e6:.1f} MB "
+                  f"(params {parameter_bytes(model) / 1e6:.1f} + cache "
+                  f"{cache_read_bytes(model, batch, impl) / 1e6:.1f}) -> bound "
+                  f"{bound * 1e3:.1f} ms/step, achieved {bound / ((first + last) / 2):.2f} "
+                  f"of it")
+        sparse, dense = (np.mean(list(rows[i].values())) for i in IMPLEMENTATIONS)
+        print(f"[2] per-token time dense / sparse, batch {batch}: {dense / sparse:.2f}x")
+    for batch in sorted({int(b) for b in FLAGS.sample_batches}):
+        whole_images(graphdef, state, model, batch, forward_seconds[batch])
+
+
+if __name__ == "__main__":
+    app.run(main)
