@@ -30,6 +30,8 @@ flags.DEFINE_integer("keep_rows", 0, "Token rows of --image to keep.")
 flags.DEFINE_integer("keep_tokens", 0, "Leading tokens of --image to keep (instead of rows).")
 flags.DEFINE_integer("batch_size", 8, "Images drawn per compiled call.")
 flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "Cache reads (dense = reference).")
+flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
+                  "(images over data, heads over tensor); default: one device.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -101,8 +103,9 @@ def main(argv):
             raise ValueError(f"--n={FLAGS.n} must be at least 1")
         prompts = read_prompts()
         image = read_image()
+        mesh_shape = None if FLAGS.mesh_shape is None else [int(x) for x in FLAGS.mesh_shape]
         generate = Generator.from_workdir(FLAGS.workdir, batch_size=FLAGS.batch_size,
-                                          implementation=FLAGS.attention)
+                                          implementation=FLAGS.attention, mesh_shape=mesh_shape)
         with tqdm(total=len(prompts) * FLAGS.n, desc="sampling", unit="image") as bar:
             images = generate(prompts, FLAGS.n, FLAGS.seed, temperature=FLAGS.temperature,
                               top_k=FLAGS.top_k, top_p=FLAGS.top_p, guidance=FLAGS.guidance,

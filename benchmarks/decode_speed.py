@@ -83,12 +83,6 @@ def random_inputs(cfg, batch: int):
     return jnp.asarray(text), jnp.asarray(tokens)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def best_of(fns: dict, repeats: int, warm_up: bool = True) -> dict:
     """Fastest of `repeats` calls of each fn, the fns taking turns."""
     if warm_up:
@@ -97,7 +91,9 @@ def best_of(fns: dict, repeats: int, warm_up: bool = True) -> dict:
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], timed(fn))
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -123,20 +119,16 @@ def compile_sampler(graphdef, state, cfg, batch: int, implementation: str):
     return functools.partial(compiled, *args), compiled, seconds
 
 
-def memory_bytes(compiled):
-    """(argument + output + temp bytes, the three) of a compiled program, or None."""
+def memory_line(compiled) -> str:
+    """argument + output + temp bytes of a compiled program, from XLA's memory analysis."""
     try:
         stats = compiled.memory_analysis()
-        parts = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
-                 stats.temp_size_in_bytes)
+        parts = [getattr(stats, f"{part}_size_in_bytes") / 2 ** 20
+                 for part in ("argument", "output", "temp")]
     except (AttributeError, NotImplementedError, TypeError):
-        return None
-    return sum(parts), parts
-
-
-def first_and_last_row(cfg):
-    g, n = cfg.grid_size, cfg.image_length
-    return {"first": list(range(1, g)), "last": list(range(n - g, n - 1))}
+        return "memory_analysis unavailable"
+    return f"{sum(parts):.1f} MiB (argument {parts[0]:.1f} + output {parts[1]:.3f} + temp " \
+           f"{parts[2]:.1f})"
 
 
 def position_times(graphdef, state, model, batch: int, repeats: int) -> dict:
@@ -144,7 +136,8 @@ def position_times(graphdef, state, model, batch: int, repeats: int) -> dict:
     def step(st, token, a, cache, implementation):
         return nnx.merge(graphdef, st).decode_step(token, a, cache, implementation)
 
-    rows = first_and_last_row(model.cfg)
+    g, n = model.cfg.grid_size, model.cfg.image_length
+    rows = {"first": list(range(1, g)), "last": list(range(n - g, n - 1))}
     token = jnp.zeros((batch,), jnp.int32)
     steps, caches, best = {}, {}, {}
     for impl in IMPLEMENTATIONS:
@@ -182,21 +175,25 @@ def cache_read_bytes(model, batch: int, implementation: str) -> int:
     return 2 * batch * entries * b.num_heads * b.head_dim * 4
 
 
-def whole_images(graphdef, state, model, batch: int, forward_seconds: float):
+def forward_seconds(graphdef, state, cfg, batch: int) -> float:
+    forward = jax.jit(lambda st, text, tokens: nnx.merge(graphdef, st)(text, tokens))
+    text, tokens = random_inputs(cfg, batch)
+    seconds = best_of({"forward": lambda: forward(state, text, tokens)}, FLAGS.repeats)["forward"]
+    print(f"[3] full forward ({cfg.layout.length} tokens, {cfg.attention} attention), batch "
+          f"{batch}: {seconds * 1e3:.0f} ms")
+    return seconds
+
+
+def whole_images(graphdef, state, model, batch: int):
     """Figures 1, 3 and 4 at one batch."""
     cfg = model.cfg
+    forward = forward_seconds(graphdef, state, cfg, batch)
     runs = {}
     for impl in IMPLEMENTATIONS:
         run, compiled, seconds = compile_sampler(graphdef, state, cfg, batch, impl)
         runs[impl] = run
         print(f"[4] compile sample_image_tokens, {impl}, batch {batch}: {seconds:.1f} s")
-        memory = memory_bytes(compiled)
-        if memory is None:
-            print(f"[4] memory_analysis unavailable ({impl}, batch {batch})")
-        else:
-            print(f"[4] compiled memory, {impl}, batch {batch}: {memory[0] / 2 ** 20:.1f} MiB "
-                  f"(argument {memory[1][0] / 2 ** 20:.1f} + output {memory[1][1] / 2 ** 20:.3f}"
-                  f" + temp {memory[1][2] / 2 ** 20:.1f} MiB)")
+        print(f"[4] compiled memory, {impl}, batch {batch}: {memory_line(compiled)}")
     b = cfg.block
     kv = 2 * b.depth * batch * cfg.layout.length * b.num_heads * b.head_dim * 4
     print(f"[4] KV cache, batch {batch}: {kv / 2 ** 20:.1f} MiB")
@@ -209,13 +206,31 @@ def whole_images(graphdef, state, model, batch: int, forward_seconds: float):
     print(f"[1] throughput sparse / dense, batch {batch}: "
           f"{times['dense'] / times['sparse']:.2f}x (target >= 1.5)")
     t = cfg.text_length
-    fixed = (n - 1) * forward_seconds
-    proportional = sum((t + a + 1) / cfg.layout.length for a in range(n - 1)) * forward_seconds
-    print(f"[3] uncached whole image, batch {batch}: 1023 x full forward = {fixed:.0f} s; "
+    fixed = (n - 1) * forward
+    proportional = sum((t + a + 1) / cfg.layout.length for a in range(n - 1)) * forward
+    print(f"[3] uncached whole image, batch {batch}: {n - 1} x full forward = {fixed:.0f} s; "
           f"length-proportional estimate {proportional:.0f} s")
     for impl in IMPLEMENTATIONS:
         print(f"[3] cached speed-up, {impl}, batch {batch}: {fixed / times[impl]:.1f}x "
               f"(vs length-proportional: {proportional / times[impl]:.1f}x)")
+
+
+def per_token(graphdef, state, model, batch: int, bandwidth: float):
+    """Figures 2 and 5 at one batch."""
+    rows = position_times(graphdef, state, model, batch, FLAGS.repeats)
+    params = parameter_bytes(model)
+    for impl in IMPLEMENTATIONS:
+        first, last = rows[impl]["first"], rows[impl]["last"]
+        print(f"[2] per-token time, {impl}, batch {batch}: first row {first * 1e3:.1f} ms, "
+              f"last row {last * 1e3:.1f} ms, last / first {last / first:.2f}"
+              + (" (target <= 1.25)" if impl == "sparse" else ""))
+        cache = cache_read_bytes(model, batch, impl)
+        bound = (params + cache) / bandwidth
+        print(f"[5] bytes per step, {impl}, batch {batch}: {(params + cache) / 1e6:.1f} MB "
+              f"(params {params / 1e6:.1f} + cache {cache / 1e6:.1f}) -> bound "
+              f"{bound * 1e3:.1f} ms/token step, achieved {bound / ((first + last) / 2):.2f} of it")
+    sparse, dense = (np.mean(list(rows[i].values())) for i in IMPLEMENTATIONS)
+    print(f"[2] per-token time dense / sparse, batch {batch}: {dense / sparse:.2f}x")
 
 
 def main(argv):
@@ -228,37 +243,13 @@ def main(argv):
         for name in names))
     model = build_model()
     graphdef, state = nnx.split(model)
-    cfg = model.cfg
     bandwidth = read_bandwidth(FLAGS.bandwidth_mb, FLAGS.repeats + 2)
     print(f"[5] read bandwidth (jnp.sum over {FLAGS.bandwidth_mb} MB, 1 CPU device): "
           f"{bandwidth / 1e9:.2f} GB/s")
-    forward = jax.jit(lambda st, text, tokens: nnx.merge(graphdef, st)(text, tokens))
-    batches = sorted({1, FLAGS.batch} | {int(b) for b in FLAGS.sample_batches})
-    forward_seconds = {}
-    for batch in batches:
-        text, tokens = random_inputs(cfg, batch)
-        forward_seconds[batch] = best_of(
-            {"forward": lambda: forward(state, text, tokens)}, FLAGS.repeats)["forward"]
-        print(f"[3] full forward ({cfg.layout.length} tokens, sparse attention), batch {batch}:"
-              f" {forward_seconds[batch] * 1e3:.0f} ms")
     for batch in sorted({1, FLAGS.batch}):
-        rows = position_times(graphdef, state, model, batch, FLAGS.repeats)
-        for impl in IMPLEMENTATIONS:
-            first, last = rows[impl]["first"], rows[impl]["last"]
-            print(f"[2] per-token time, {impl}, batch {batch}: first row {first * 1e3:.1f} ms, "
-                  f"last row {last * 1e3:.1f} ms, last / first {last / first:.2f}"
-                  + (" (target <= 1.25)" if impl == "sparse" else ""))
-            step_bytes = parameter_bytes(model) + cache_read_bytes(model, batch, impl)
-            bound = step_bytes / bandwidth
-            print(f"[5] bytes per step, {impl}, batch {batch}: {step_bytes / 1e6:.1f} MB "
-                  f"(params {parameter_bytes(model) / 1e6:.1f} + cache "
-                  f"{cache_read_bytes(model, batch, impl) / 1e6:.1f}) -> bound "
-                  f"{bound * 1e3:.1f} ms/step, achieved {bound / ((first + last) / 2):.2f} "
-                  f"of it")
-        sparse, dense = (np.mean(list(rows[i].values())) for i in IMPLEMENTATIONS)
-        print(f"[2] per-token time dense / sparse, batch {batch}: {dense / sparse:.2f}x")
+        per_token(graphdef, state, model, batch, bandwidth)
     for batch in sorted({int(b) for b in FLAGS.sample_batches}):
-        whole_images(graphdef, state, model, batch, forward_seconds[batch])
+        whole_images(graphdef, state, model, batch)
 
 
 if __name__ == "__main__":

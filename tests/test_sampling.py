@@ -143,3 +143,24 @@ def test_new_prompts_and_seeds_do_not_recompile(small):
         generate.tokens(["a red circle"], n=0)
     with pytest.raises(ValueError, match="empty"):
         generate.tokens(["  "], n=1)
+
+
+def test_sampling_on_a_mesh_matches_one_device():
+    from dalle_jax import config_lib
+    from dalle_jax.sharding import logical
+    from dalle_jax.sharding.mesh import build_mesh
+
+    cfg = small_config()
+    model = dalle.DALLE(cfg, rngs=fast_rngs())
+    prompts = ["a red circle", "a blue square", "a green circle", "a cyan square"]
+    greedy = Settings(temperature=0.0)
+    alone = Generator(model, None, FakeTokenizer(), batch_size=4).tokens(prompts, 1,
+                                                                         settings=greedy)
+    config = config_lib.base_config()
+    config.mesh.shape = (2, 1, 4)  # images over data, the 4 heads over tensor
+    mesh, rules = build_mesh(config.mesh), logical.normalize_rules(config_lib.DEFAULT_RULES)
+    sharded = Generator(nnx.clone(model), None, FakeTokenizer(), batch_size=4, mesh=mesh,
+                        rules=rules)
+    np.testing.assert_array_equal(sharded.tokens(prompts, 1, settings=greedy), alone)
+    heads = sharded._state["stack"]["blocks"]["attention"]["query"][...]
+    assert "tensor" in str(heads.sharding.spec)

@@ -135,7 +135,9 @@ class DALLE(nnx.Module):
         """Zeroed keys and values, [depth, batch, text + image length, heads, head_dim]."""
         b = self.cfg.block
         shape = (b.depth, batch, self.cfg.layout.length, b.num_heads, b.head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        # Split like the activations it caches: batch over the data axes, heads over tensor.
+        names = ("layers", "batch", "length", "heads", "kv")
+        return tuple(layers.constrain(jnp.zeros(shape, dtype), names) for _ in range(2))
 
     def prefill(self, text: jax.Array, cache: tuple[jax.Array, jax.Array]):
         """The caption in one pass: (logits of the first image token (B, image_vocab), cache)."""

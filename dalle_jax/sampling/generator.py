@@ -2,7 +2,7 @@
 
     from dalle_jax.sampling.generator import Generator
     generate = Generator.from_workdir("workdirs/dalle_mini")
-    images = generate(["a red circle above a blue square"], n=4, seed=0)  # float (4, S, S, 3)
+    images = generate(["a red circle above a blue square"], n=4, seed=0)  # (4, S, S, 3)
     pictures = generate(["a green triangle"], n=2, as_pil=True)           # PIL images
 
 Prompts × n images are drawn in batches of a fixed size (the last one padded), so one compiled
@@ -15,11 +15,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from dalle_jax.sampling import decode
+from dalle_jax.sharding import logical
+from dalle_jax.sharding import mesh as mesh_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +49,22 @@ def image_keys(seed: int, indices) -> jax.Array:
 
 class Generator:
     def __init__(self, model, codec, tokenizer, *, batch_size: int = 8,
-                 implementation: str = "sparse"):
+                 implementation: str = "sparse", mesh=None, rules=None):
+        """`mesh` and `rules` (optional): sample on a device mesh with the training rules,
+        e.g. images over the data axes and heads over the tensor axis."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.model, self.codec, self.tokenizer = model, codec, tokenizer
         self.batch_size, self.implementation = batch_size, implementation
         self.text_length = model.cfg.text_length
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            ways = logical.batch_axis_size(mesh, rules)
+            if batch_size % ways:
+                raise ValueError(f"batch_size={batch_size} must divide by the {ways} ways the "
+                                 f"mesh splits a batch")
+            shardings = logical.state_shardings(nnx.state(model), mesh, rules)
+            nnx.update(model, jax.device_put(nnx.state(model), shardings))
         graphdef, self._state = nnx.split(model)
 
         def sample(state, text, keys, controls, guided, implementation):
@@ -60,9 +73,22 @@ class Generator:
 
         self._sample = jax.jit(sample, static_argnames=("guided", "implementation"))
 
+    def _run(self, text, keys, controls, guided):
+        if self.mesh is None:
+            return self._sample(self._state, text, keys, controls, guided=guided,
+                                implementation=self.implementation)
+        batch = lambda x: jax.device_put(  # noqa: E731
+            x, logical.batch_sharding(self.mesh, self.rules, x.ndim))
+        controls = dict(controls, given=batch(controls["given"]), keep=batch(controls["keep"]))
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return self._sample(self._state, batch(text), batch(keys), controls, guided=guided,
+                                implementation=self.implementation)
+
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
-                     implementation: str = "sparse") -> "Generator":
+                     implementation: str = "sparse", mesh_shape=None) -> "Generator":
+        """The run in `workdir`, its dVAE and tokenizer; with `mesh_shape` (e.g. (2, 1, 4) over
+        the run's mesh axes) sampling is sharded by the run's own logical-axis rules."""
         from dalle_jax import run
         from dalle_jax.models.codec import ImageCodec
         from dalle_jax.text.tokenizer import Tokenizer
@@ -83,8 +109,13 @@ class Generator:
         if tokenizer.vocab_size > model.cfg.text_vocab_size:
             raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more "
                              f"than the transformer's {model.cfg.text_vocab_size}")
+        mesh = rules = None
+        if mesh_shape is not None:
+            mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(
+                config.mesh.to_dict(), shape=tuple(mesh_shape), num_devices=0)))
+            rules = logical.normalize_rules(config.sharding.rules)
         return cls(model, codec, tokenizer, batch_size=batch_size,
-                   implementation=implementation)
+                   implementation=implementation, mesh=mesh, rules=rules)
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -145,8 +176,7 @@ class Generator:
                 "keep": jnp.full((self.batch_size,), keep, jnp.int32)}
             batch_text = np.concatenate([text[rows], np.repeat(text[:1], pad, axis=0)])
             keys = image_keys(seed, np.concatenate([indices[rows], np.zeros(pad, int)]))
-            tokens = self._sample(self._state, jnp.asarray(batch_text), keys, controls,
-                                  guided=guided, implementation=self.implementation)
+            tokens = self._run(jnp.asarray(batch_text), keys, controls, guided)
             out.append(np.asarray(tokens)[:count])
             if progress is not None:
                 progress(count)
