@@ -9,7 +9,8 @@ turns; every ratio compares numbers measured in this run.
 
 1. Image tokens/s: the jitted `sample_image_tokens` (prefill + a fori_loop of 1023 decode steps,
    temperature 1) drawing whole 32×32 images at each --sample_batches batch, best of
-   --sample_repeats calls (no warm-up call: one call takes ~a minute), "sparse" vs "dense":
+   --sample_repeats calls (default 1, no warm-up: a dense image takes ~2 minutes, and the
+   per-token figures below are best-of --repeats), "sparse" vs "dense":
    tokens/s = batch·1024 / seconds.
 2. Per-token time against position: one jitted `decode_step` (position a traced, so one
    compilation; the cache donated, so it is updated in place as in the loop) called at
@@ -19,7 +20,8 @@ turns; every ratio compares numbers measured in this run.
    drawing an image by recomputing the prefix at every step costs 1023 × the jitted
    `model(text, tokens)` (best of --repeats; the "sparse" training attention). Also given: a
    length-proportional estimate, Σ_a (256 + a + 1)/1280 × forward, the best a model taking
-   shorter streams could do if time grew linearly with length. Speed-up = that / figure 1.
+   shorter streams could do if time grew linearly with length. Speed-up = each of these
+   uncached times / figure 1's whole-image time.
 4. Compile: wall time of `jit(sampler).lower(...).compile()`; memory from
    `compiled.memory_analysis()` (argument + output + temp bytes); the KV cache is
    2 · depth · batch · 1280 · heads · head_dim · 4 bytes.

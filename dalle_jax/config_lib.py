@@ -133,6 +133,30 @@ def dalle_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def clip_base_config() -> ml_collections.ConfigDict:
+    """`base_config()` with CLIP's task and model sections (ViT-B/16 and CLIP's text tower).
+
+    Optimiser as in the CLIP paper: AdamW β=(0.9, 0.98), ε 1e-6, weight decay 0.2, cosine
+    decay after a warm-up. The configs (`clip_mini`, `clip`) set the sizes.
+    """
+    c = base_config()
+    c.data.augment.flip = False  # captions say "left of": a flip would make them false
+    c.task = ml_collections.ConfigDict(dict(name="clip"))
+    c.model = ml_collections.ConfigDict(dict(
+        patch_size=16,
+        image_width=768, image_depth=12, image_heads=12, image_mlp_ratio=4.0,
+        image_pooling="mean",  # or "class": a learned class token's output
+        text_width=512, text_depth=12, text_heads=8, text_mlp_ratio=4.0,
+        embed_dim=512,
+        remat="none",  # "full" or "save_dots": recompute activations in the backward pass
+        init_std=0.02,
+    ))
+    c.optimizer.update(dict(
+        learning_rate=5e-4, schedule="cosine", warmup_steps=2000, end_learning_rate=0.0,
+        b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, clip_norm=1.0, ema_decay=0.0))
+    return c
+
+
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 

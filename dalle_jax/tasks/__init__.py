@@ -21,9 +21,16 @@ def _dalle(config) -> Task:
     return DalleTask(config)
 
 
+def _clip(config) -> Task:
+    from dalle_jax.tasks.clip import ClipTask
+
+    return ClipTask(config)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "dvae": _dvae,
     "dalle": _dalle,
+    "clip": _clip,
 }
 
 
