@@ -4,9 +4,13 @@
         --n 8 --out samples/
     python sample.py --workdir DIR --prompts_file captions.txt --n 4 --guidance 3 --out OUT
     python sample.py --workdir DIR --prompt "..." --image photo.png --keep_rows 4 --out OUT
+    python sample.py --workdir DIR --clip_workdir CLIP --prompt "..." --rerank 32 --keep 4
 
 Writes one PNG per image (`<prompt index>_<image index>.png`), a grid per prompt
-(`grid_<prompt index>.png`) and `samples.json` recording prompts, seeds and settings.
+(`grid_<prompt index>.png`) and `samples.json` recording prompts, seeds and settings. With
+`--rerank N --keep K`, N candidates are drawn per prompt, CLIP scores them and the best K are
+written (best first); `candidates_<prompt index>.png` shows all N in drawing order and
+`samples.json` lists every candidate's score and whether it was kept.
 A thin layer over `dalle_jax.sampling.generator.Generator`.
 """
 import json
@@ -30,6 +34,10 @@ flags.DEFINE_integer("keep_rows", 0, "Token rows of --image to keep.")
 flags.DEFINE_integer("keep_tokens", 0, "Leading tokens of --image to keep (instead of rows).")
 flags.DEFINE_integer("batch_size", 8, "Images drawn per compiled call.")
 flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "Cache reads (dense = reference).")
+flags.DEFINE_integer("rerank", 0, "Draw this many candidates per prompt and keep the --keep "
+                     "that CLIP scores best (0 = no reranking; then --n images are drawn).")
+flags.DEFINE_integer("keep", 1, "Images kept per prompt with --rerank.")
+flags.DEFINE_string("clip_workdir", None, "A trained CLIP's workdir (needed by --rerank).")
 flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
                   "(images over data, heads over tensor); default: one device.")
 flags.mark_flags_as_required(["workdir"])
@@ -68,13 +76,23 @@ def grid_of(images, columns: int):
     return np.concatenate(rows, axis=0)
 
 
-def write_outputs(prompts, images, out: str) -> None:
+def to_pixels(images):
     import numpy as np
+
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def key_of(index: int) -> str:
+    return f"fold_in(key({FLAGS.seed}), {index})"
+
+
+def write_outputs(prompts, images, out: str, reranked=None) -> None:
+    """PNGs, grids and samples.json; `images` are the kept ones with reranking."""
     from PIL import Image
 
     os.makedirs(out, exist_ok=True)
-    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    n = FLAGS.n
+    pixels = to_pixels(images)
+    n = len(images) // len(prompts)
     for p in range(len(prompts)):
         mine = pixels[p * n:(p + 1) * n]
         for i, image in enumerate(mine):
@@ -84,12 +102,53 @@ def write_outputs(prompts, images, out: str) -> None:
               "seed": FLAGS.seed,
               "settings": {k: getattr(FLAGS, k) for k in (
                   "temperature", "top_k", "top_p", "guidance", "image", "keep_rows",
-                  "keep_tokens", "attention")},
-              "images": [{"prompt": p, "index": i, "key": f"fold_in(key({FLAGS.seed}), {i})",
-                          "file": f"{p:03d}_{i:03d}.png"}
-                         for p in range(len(prompts)) for i in range(n)]}
+                  "keep_tokens", "attention", "rerank", "keep", "clip_workdir")}}
+    if reranked is None:
+        record["images"] = [{"prompt": p, "index": i, "key": key_of(i),
+                             "file": f"{p:03d}_{i:03d}.png"}
+                            for p in range(len(prompts)) for i in range(n)]
+    else:
+        record["images"] = [{"prompt": p, "rank": r, "index": int(i), "key": key_of(int(i)),
+                             "score": float(reranked.scores[p, i]),
+                             "file": f"{p:03d}_{r:03d}.png"}
+                            for p in range(len(prompts)) for r, i in enumerate(reranked.kept[p])]
+        record["candidates"] = write_candidates(prompts, reranked, out)
     with open(os.path.join(out, "samples.json"), "w") as f:
         json.dump(record, f, indent=1)
+
+
+def write_candidates(prompts, reranked, out: str) -> list[dict]:
+    """A grid of every prompt's candidates (drawing order) and their scores for the record."""
+    from PIL import Image
+
+    count = reranked.scores.shape[1]
+    pixels = to_pixels(reranked.candidates)
+    records = []
+    for p in range(len(prompts)):
+        grid = grid_of(pixels[p * count:(p + 1) * count], min(count, 8))
+        Image.fromarray(grid).save(os.path.join(out, f"candidates_{p:03d}.png"))
+        rank_of = {int(i): r for r, i in enumerate(reranked.kept[p])}
+        records += [{"prompt": p, "index": i, "key": key_of(i),
+                     "score": float(reranked.scores[p, i]), "kept_rank": rank_of.get(i)}
+                    for i in range(count)]
+    return records
+
+
+def check_counts() -> None:
+    if FLAGS.n < 1:
+        raise ValueError(f"--n={FLAGS.n} must be at least 1")
+    if FLAGS.rerank < 0:
+        raise ValueError(f"--rerank={FLAGS.rerank} must be >= 0 (0 = no reranking)")
+    if not FLAGS.rerank:
+        if FLAGS["keep"].present or FLAGS.clip_workdir:
+            raise ValueError("--keep and --clip_workdir only apply with --rerank N")
+        return
+    if FLAGS["n"].present:
+        raise ValueError("with --rerank N --keep K, K images are kept per prompt: drop --n")
+    if not 1 <= FLAGS.keep <= FLAGS.rerank:
+        raise ValueError(f"--keep={FLAGS.keep} must be between 1 and --rerank={FLAGS.rerank}")
+    if not FLAGS.clip_workdir:
+        raise ValueError("--rerank needs --clip_workdir, a trained CLIP's workdir")
 
 
 def main(argv):
@@ -99,21 +158,28 @@ def main(argv):
     from dalle_jax.sampling.generator import Generator
 
     try:
-        if FLAGS.n < 1:
-            raise ValueError(f"--n={FLAGS.n} must be at least 1")
+        check_counts()
         prompts = read_prompts()
         image = read_image()
         mesh_shape = None if FLAGS.mesh_shape is None else [int(x) for x in FLAGS.mesh_shape]
         generate = Generator.from_workdir(FLAGS.workdir, batch_size=FLAGS.batch_size,
-                                          implementation=FLAGS.attention, mesh_shape=mesh_shape)
-        with tqdm(total=len(prompts) * FLAGS.n, desc="sampling", unit="image") as bar:
-            images = generate(prompts, FLAGS.n, FLAGS.seed, temperature=FLAGS.temperature,
-                              top_k=FLAGS.top_k, top_p=FLAGS.top_p, guidance=FLAGS.guidance,
-                              image=image, keep_rows=FLAGS.keep_rows,
-                              keep_tokens=FLAGS.keep_tokens, progress=bar.update)
+                                          implementation=FLAGS.attention, mesh_shape=mesh_shape,
+                                          clip_workdir=FLAGS.clip_workdir if FLAGS.rerank else None)
+        settings = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                        guidance=FLAGS.guidance, image=image, keep_rows=FLAGS.keep_rows,
+                        keep_tokens=FLAGS.keep_tokens)
+        drawn = FLAGS.rerank or FLAGS.n
+        with tqdm(total=len(prompts) * drawn, desc="sampling", unit="image") as bar:
+            if FLAGS.rerank:
+                reranked = generate.best_of(prompts, FLAGS.rerank, FLAGS.keep, FLAGS.seed,
+                                            progress=bar.update, **settings)
+                images = reranked.images
+            else:
+                reranked = None
+                images = generate(prompts, FLAGS.n, FLAGS.seed, progress=bar.update, **settings)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: {e}")
-    write_outputs(prompts, images, FLAGS.out)
+    write_outputs(prompts, images, FLAGS.out, reranked)
     logging.warning("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
     print(f"images in {os.path.abspath(FLAGS.out)}")
 

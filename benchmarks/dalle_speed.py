@@ -24,22 +24,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from common import matmul_flops_per_second  # noqa: E402
+
 flags.DEFINE_integer("steps", 5, "Train steps timed (after one warm-up step).")
 flags.DEFINE_integer("batch", 8, "Examples per train step.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the reference.")
 flags.DEFINE_string("attention", "sparse", "sparse or dense.")
 FLAGS = flags.FLAGS
-
-
-def matmul_flops_per_second(n: int, repeats: int = 10) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    jax.block_until_ready(matmul(a, a))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = matmul(a, a)
-    jax.block_until_ready(out)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
 def cpu_config(depth: int = 8):

@@ -45,6 +45,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from common import best_of  # noqa: E402
+
 flags.DEFINE_integer("d_model", 512, "Model width.")
 flags.DEFINE_integer("depth", 8, "Transformer layers.")
 flags.DEFINE_integer("num_heads", 8, "Attention heads.")
@@ -83,20 +85,6 @@ def random_inputs(cfg, batch: int):
     text[:, 0] = 2
     tokens = rng.integers(0, cfg.image_vocab_size, (batch, cfg.image_length)).astype(np.int32)
     return jnp.asarray(text), jnp.asarray(tokens)
-
-
-def best_of(fns: dict, repeats: int, warm_up: bool = True) -> dict:
-    """Fastest of `repeats` calls of each fn, the fns taking turns."""
-    if warm_up:
-        for fn in fns.values():
-            jax.block_until_ready(fn())
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def read_bandwidth(megabytes: int, repeats: int) -> float:

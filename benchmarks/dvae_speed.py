@@ -19,6 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from common import matmul_flops_per_second, mean_seconds  # noqa: E402
+
 flags.DEFINE_integer("steps", 20, "Train steps timed (after one warm-up step).")
 flags.DEFINE_integer("encode_batch", 4, "Images per encode call at 256 px.")
 flags.DEFINE_integer("encode_calls", 3, "Encode calls timed (after one warm-up call).")
@@ -26,26 +28,10 @@ flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the ref
 FLAGS = flags.FLAGS
 
 
-def timed(fn, *args, repeats: int) -> float:
-    """Seconds per call after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
-
-
 def flops_of(compiled) -> float:
     from dalle_jax.training.loop import flops_per_step
 
     return flops_per_step(compiled)
-
-
-def matmul_flops_per_second(n: int) -> float:
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    return 2 * n ** 3 / timed(matmul, a, a, repeats=10)
 
 
 def train_step_figures(config, steps: int):
@@ -89,7 +75,7 @@ def encode_figures(config, batch: int, calls: int):
                                                            dtype=np.uint8))
     encode = nnx.jit(lambda m, x: m.encode(x))
     flops = flops_of(jax.jit(lambda x: model.encode(x)).lower(images).compile())
-    return flops, timed(encode, model, images, repeats=calls), batch
+    return flops, mean_seconds(encode, model, images, repeats=calls), batch
 
 
 def main(argv):

@@ -12,7 +12,6 @@ score) next to the scores the mask keeps, and XLA's FLOP count of each compiled 
 """
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from common import best_of  # noqa: E402
 from dalle_jax.models import attention as attn  # noqa: E402
 
 flags.DEFINE_integer("batch", 4, "Sequences per call.")
@@ -35,20 +35,9 @@ FLAGS = flags.FLAGS
 
 
 def best_seconds(fns, args, repeats: int) -> list[float]:
-    """Fastest of `repeats` calls of each fn after a warm-up, the fns taking turns.
-
-    Best-of is the time least disturbed by other work on a shared machine; taking turns
-    exposes the paths being compared to the same disturbances.
-    """
-    best = [float("inf")] * len(fns)
-    for fn in fns:
-        jax.block_until_ready(fn(*args))
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+    """Fastest call of each fn(*args), the fns taking turns (see common.best_of)."""
+    times = best_of({i: (lambda fn=fn: fn(*args)) for i, fn in enumerate(fns)}, repeats)
+    return [times[i] for i in range(len(fns))]
 
 
 def forward_backward(kinds, layout, implementation, qkv):

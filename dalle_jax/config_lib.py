@@ -141,7 +141,9 @@ def clip_base_config() -> ml_collections.ConfigDict:
     """
     c = base_config()
     c.data.augment.flip = False  # captions say "left of": a flip would make them false
-    c.task = ml_collections.ConfigDict(dict(name="clip"))
+    # Zero-shot colour/shape accuracy on this many validation images at every evaluation
+    # (synthetic_shapes only; 0 = off).
+    c.task = ml_collections.ConfigDict(dict(name="clip", zero_shot_examples=1000))
     c.model = ml_collections.ConfigDict(dict(
         patch_size=16,
         image_width=768, image_depth=12, image_heads=12, image_mlp_ratio=4.0,

@@ -52,3 +52,92 @@ def mini_tokenizer(mini_config, tmp_path_factory):
     from dalle_jax import run
 
     return run.load_or_train_tokenizer(mini_config(), str(tmp_path_factory.mktemp("run")))
+
+
+def tiny_clip_config(mini_config):
+    """configs/clip_mini.py shrunk to train in seconds on the mini data set."""
+    from dalle_jax import config_lib
+
+    config = config_lib.load("clip_mini")
+    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=32))
+    config.data.shapes.update(mini_config().data.shapes.to_dict())
+    config.model.update(dict(image_width=32, image_depth=2, image_heads=1, image_mlp_ratio=2,
+                             text_width=32, text_depth=1, text_heads=1, text_mlp_ratio=2,
+                             embed_dim=32))
+    config.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10, ema_decay=0.0))
+    config.train.update(dict(steps=80, log_every=40, eval_every=80, eval_batches=0,
+                             images_every=80, checkpoint_every=1000))
+    # One device: compiling the step for 8 fake ones doubles the run's time, and the
+    # global-batch loss under sharding has its own test in test_clip.py.
+    config.mesh.num_devices = 1
+    return config
+
+
+@pytest.fixture(scope="session")
+def clip_run(mini_config, tmp_path_factory):
+    """The workdir of a short tiny-CLIP run (shared by the CLIP, scoring and sampling tests)."""
+    from dalle_jax.training import loop
+
+    workdir = str(tmp_path_factory.mktemp("clip") / "run")
+    loop.train(tiny_clip_config(mini_config), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def dvae_run(mini_config, tmp_path_factory):
+    """A tiny dVAE trained for a few dozen steps: crude tokens, but a real trained tokenizer."""
+    from dalle_jax import config_lib
+    from dalle_jax.training import loop
+
+    config = config_lib.load("dvae_mini")
+    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
+    config.data.shapes.update(mini_config().data.shapes.to_dict())
+    config.model.update(dict(n_hid=8, vocab_size=32, n_init=16))
+    config.task.update(dict(kl_warmup_steps=10, temperature_steps=30))
+    config.optimizer.update(dict(warmup_steps=0, learning_rate=3e-3, ema_decay=0.0))
+    config.train.update(dict(steps=40, log_every=20, eval_every=0, images_every=0,
+                             checkpoint_every=100))
+    workdir = str(tmp_path_factory.mktemp("dvae"))
+    loop.train(config, workdir)
+    return workdir
+
+
+def tiny_dalle_config(mini_config, dvae_workdir):
+    """configs/dalle_mini.py shrunk, on the tokens of the tiny dVAE in `dvae_workdir`."""
+    from dalle_jax import config_lib
+
+    config = config_lib.load("dalle_mini")
+    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
+    config.data.shapes.update(mini_config().data.shapes.to_dict())
+    config.text.update(dict(length=20, vocab_size=64))
+    config.task.dvae_workdir = dvae_workdir
+    config.model.update(dict(image_vocab_size=32, d_model=64, num_heads=4, head_dim=16,
+                             mlp_dim=128))
+    config.optimizer.update(dict(warmup_steps=5, learning_rate=3e-3))
+    config.train.update(dict(steps=60, log_every=20, eval_every=60, eval_batches=3,
+                             images_every=60, checkpoint_every=100))
+    return config
+
+
+@pytest.fixture(scope="session")
+def _dalle_run(mini_config, dvae_run, tmp_path_factory):
+    from dalle_jax.training import loop
+
+    config = tiny_dalle_config(mini_config, dvae_run)
+    root = tmp_path_factory.mktemp("dalle")
+    trainer = loop.Trainer(config, str(root / "init"))
+    initial = trainer.evaluate(trainer._init())
+    loop.train(config, str(root / "run"))
+    return str(root / "run"), initial
+
+
+@pytest.fixture(scope="session")
+def dalle_run(_dalle_run):
+    """The workdir of a short tiny-transformer run on the tiny dVAE's tokens."""
+    return _dalle_run[0]
+
+
+@pytest.fixture(scope="session")
+def dalle_initial_metrics(_dalle_run):
+    """That run's validation metrics at initialisation."""
+    return _dalle_run[1]

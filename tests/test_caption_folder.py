@@ -6,7 +6,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import re
 
 import numpy as np

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dalle_jax import config_lib, run
-from dalle_jax.evaluation import reconstruction
+from dalle_jax import config_lib
+from dalle_jax.evaluation import retrieval
+from dalle_jax.evaluation.examples import load_examples
+from dalle_jax.models.scorer import ClipScorer
 from dalle_jax.models import clip
 from dalle_jax.sharding import logical
 from dalle_jax.sharding.mesh import build_mesh
 from dalle_jax.tasks import clip as clip_task
 from dalle_jax.tasks import get_task
-from dalle_jax.training import loop, metrics as metrics_lib, restore
+from dalle_jax.training import metrics as metrics_lib, restore
 
 
 def small_config(**model):
@@ -203,6 +205,25 @@ def test_recall_at_k_on_a_hand_made_similarity():
         clip_task.recall_at_k(np.ones((2, 3)), 1)
 
 
+def test_recall_with_repeated_captions_counts_any_right_caption():
+    # Images 0 and 1 share a caption text: for either image, both captions are right.
+    s = np.array([[0.2, 0.9, 0.1],
+                  [0.8, 0.3, 0.4],
+                  [0.5, 0.6, 0.7]])
+    relevant = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+    # Exact pairs: only image 2 / caption 2 ranks its own partner first.
+    assert clip_task.recall_at_k(s, 1) == pytest.approx((1 / 3, 1 / 3))
+    # Same-caption: images 0, 1 and 2 find a right caption first; caption 0's best right image
+    # (0.8) beats the wrong one (0.5), caption 1's (0.9) beats 0.6, caption 2's 0.7 beats 0.4.
+    assert clip_task.recall_at_k(s, 1, relevant=relevant) == pytest.approx((1.0, 1.0))
+    # A wrong answer tied with the best right one counts against it.
+    tied = s.copy()
+    tied[2, 0] = 0.8
+    assert clip_task.recall_at_k(tied, 1, relevant=relevant)[1] == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(retrieval.same_caption(["a", "b", "a"]),
+                                  [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+
+
 def test_eval_sums_agree_with_recall_at_k(small):
     config, task, model = small
     batch = {"image": images(config, 8, seed=3), "text": captions(config, [1, 2, 3, 4] * 2, 3),
@@ -293,28 +314,10 @@ def test_full_size_config_builds_abstractly():
     assert model.cfg.num_patches == 256 and model.cfg.text.depth == 12
 
 
-# --- a short training run -----------------------------------------------------------------
+# --- a short training run (the `clip_run` fixture in conftest.py) --------------------------
 
-def tiny_clip_config(mini_config):
-    config = config_lib.load("clip_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=32))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.model.update(dict(image_width=32, image_depth=2, image_heads=1, image_mlp_ratio=2,
-                             text_width=32, text_depth=1, text_heads=1, text_mlp_ratio=2,
-                             embed_dim=32))
-    config.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10, ema_decay=0.0))
-    config.train.update(dict(steps=80, log_every=40, eval_every=80, eval_batches=0,
-                             images_every=80, checkpoint_every=1000))
-    # One device: compiling the step for 8 fake ones doubles this test's time, and the
-    # global-batch loss under sharding has its own test above.
-    config.mesh.num_devices = 1
-    return config
-
-
-def test_short_training_raises_recall_above_chance(mini_config, tmp_path):
-    config = tiny_clip_config(mini_config)
-    workdir = str(tmp_path / "clip")
-    loop.train(config, workdir)
+def test_short_training_raises_recall_above_chance(clip_run):
+    workdir = clip_run
     records = metrics_lib.read_metrics(workdir)
     final = [r for r in records if "eval/text_to_image_recall_at_1_in_batch" in r][-1]
     chance = final["eval/recall_at_1_chance_in_batch"]
@@ -326,10 +329,31 @@ def test_short_training_raises_recall_above_chance(mini_config, tmp_path):
     assert 1.0 < train["train/logit_scale"] <= 100.0
     assert os.listdir(os.path.join(workdir, "images"))  # retrieval grids were logged
 
-    # The trained workdir serves the zero-shot evaluation.
-    model, loaded = restore.load_model(workdir)
-    tokenizer = run.load_or_train_tokenizer(loaded, workdir)
-    pictures, objects = reconstruction.validation_examples(loaded)
-    result = clip_task.zero_shot_accuracy(model, tokenizer, pictures, objects)
+    # The loop's zero-shot figures are those of the saved model, evaluated afresh.
+    scorer = ClipScorer.from_workdir(workdir)
+    examples = load_examples(restore.load_config(workdir))
+    result = retrieval.zero_shot_accuracy(scorer, examples.images, examples.objects)
     assert 20 < result["count"] < 80  # about half of the 100 validation images
-    assert 0.0 <= result["colour_accuracy"] <= 1.0 and 0.0 <= result["shape_accuracy"] <= 1.0
+    assert final["eval/zero_shot_colour_accuracy"] == pytest.approx(result["colour_accuracy"])
+    assert final["eval/zero_shot_shape_accuracy"] == pytest.approx(result["shape_accuracy"])
+
+
+def test_retrieval_command_reports_recall_and_zero_shot(clip_run, capsys):
+    import json
+
+    retrieval.main(["--workdir", clip_run, "--batch", "32"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 100
+    scorer = ClipScorer.from_workdir(clip_run)
+    examples = load_examples(restore.load_config(clip_run))
+    sims = scorer.similarity(examples.images, examples.captions)
+    relevant = retrieval.same_caption(examples.captions)
+    assert report["text_to_image_recall_at_1"] == pytest.approx(
+        clip_task.recall_at_k(sims, 1, relevant=relevant)[1])
+    blocks = [sims[i:i + 32, i:i + 32] for i in range(0, 100, 32)]  # 32, 32, 32 and 4
+    assert report["image_to_text_recall_at_5_in_batch_32"] == pytest.approx(
+        sum(clip_task.recall_at_k(b, 5)[0] * len(b) for b in blocks) / 100)
+    assert set(report["zero_shot"]) == {"colour_accuracy", "shape_accuracy", "count"}
+    with pytest.raises(SystemExit):
+        retrieval.main(["--workdir", os.path.dirname(clip_run)])
+    assert "not a training workdir" in capsys.readouterr().err

@@ -10,58 +10,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_jax import config_lib
 from dalle_jax.tasks import get_task
 from dalle_jax.sampling.generator import Generator
-from dalle_jax.training import loop, metrics as metrics_lib
+import conftest
+from dalle_jax.training import metrics as metrics_lib, restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def dvae_workdir(mini_config, tmp_path_factory):
-    """A tiny dVAE trained for a few dozen steps: crude tokens, but a real trained tokenizer."""
-    config = config_lib.load("dvae_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.model.update(dict(n_hid=8, vocab_size=32, n_init=16))
-    config.task.update(dict(kl_warmup_steps=10, temperature_steps=30))
-    config.optimizer.update(dict(warmup_steps=0, learning_rate=3e-3, ema_decay=0.0))
-    config.train.update(dict(steps=40, log_every=20, eval_every=0, images_every=0,
-                             checkpoint_every=100))
-    workdir = str(tmp_path_factory.mktemp("dvae"))
-    loop.train(config, workdir)
-    return workdir
-
-
 @pytest.fixture
-def tiny_dalle_config(mini_config, dvae_workdir):
-    return _tiny_dalle_config(mini_config, dvae_workdir)
-
-
-def _tiny_dalle_config(mini_config, dvae_workdir):
-    config = config_lib.load("dalle_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.text.update(dict(length=20, vocab_size=64))
-    config.task.dvae_workdir = dvae_workdir
-    config.model.update(dict(image_vocab_size=32, d_model=64, num_heads=4, head_dim=16,
-                             mlp_dim=128))
-    config.optimizer.update(dict(warmup_steps=5, learning_rate=3e-3))
-    config.train.update(dict(steps=60, log_every=20, eval_every=60, eval_batches=3,
-                             images_every=60, checkpoint_every=100))
-    return config
+def tiny_dalle_config(mini_config, dvae_run):
+    return conftest.tiny_dalle_config(mini_config, dvae_run)
 
 
 @pytest.fixture(scope="module")
-def trained(mini_config, dvae_workdir, tmp_path_factory):
-    """(config, workdir, validation metrics at initialisation) of a short transformer run."""
-    config = _tiny_dalle_config(mini_config, dvae_workdir)
-    root = tmp_path_factory.mktemp("dalle")
-    trainer = loop.Trainer(config, str(root / "init"))
-    initial = trainer.evaluate(trainer._init())
-    loop.train(config, str(root / "run"))
-    return config, str(root / "run"), initial
+def trained(mini_config, dalle_run, dalle_initial_metrics):
+    """(config, workdir, validation metrics at initialisation) of the short transformer run."""
+    return restore.load_config(dalle_run), dalle_run, dalle_initial_metrics
 
 
 def test_short_training_lowers_the_validation_loss(trained):

@@ -1,5 +1,4 @@
 """The training loop's mechanics, on a tiny task (tests/toy_task.py) so they run in seconds."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from dalle_jax.training import checkpoint, loop, metrics as metrics_lib, optimizer
-from dalle_jax.training import state as state_lib
 from toy_task import ToyTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,7 +5,6 @@ tensor sharding really split them.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 

@@ -49,22 +49,10 @@ def reconstruction_report(codec, images: np.ndarray, objects=None, chunk: int = 
     return report
 
 
-def validation_examples(config, limit: int = 0):
-    """uint8 images and `objects` of the run's evaluation split (synthetic_shapes only)."""
-    from dalle_jax.data import sources
-
-    builder = sources.prepared_builder(config.data)
-    source = sources.data_source(builder, config.data.eval_split)
-    count = len(source) if not limit else min(limit, len(source))
-    records = [source[i] for i in range(count)]
-    images = np.stack([sources.as_rgb(r["image"]) for r in records])
-    objects = [r["objects"] for r in records] if "objects" in records[0] else None
-    return images, objects
-
-
 def main(argv=None):
     import argparse
 
+    from dalle_jax.evaluation.examples import load_examples
     from dalle_jax.models.codec import ImageCodec
     from dalle_jax.training.restore import load_config
 
@@ -73,8 +61,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="examples (0 = the whole split)")
     args = parser.parse_args(argv)
     codec = ImageCodec.from_workdir(args.workdir)
-    images, objects = validation_examples(load_config(args.workdir), args.limit)
-    print(json.dumps(reconstruction_report(codec, images, objects), indent=1))
+    examples = load_examples(load_config(args.workdir), limit=args.limit)
+    print(json.dumps(reconstruction_report(codec, examples.images, examples.objects), indent=1))
 
 
 if __name__ == "__main__":

@@ -12,17 +12,8 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from dalle_jax.models.chunks import apply_in_chunks
 from dalle_jax.models.dvae import DVAE
-
-
-def _chunked(fn, model, inputs: np.ndarray, chunk: int) -> np.ndarray:
-    outputs = []
-    for start in range(0, len(inputs), chunk):
-        part = inputs[start:start + chunk]
-        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
-                                                part.dtype)])
-        outputs.append(np.asarray(fn(model, padded))[:len(part)])
-    return np.concatenate(outputs)
 
 
 class ImageCodec:
@@ -48,7 +39,7 @@ class ImageCodec:
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"encode expects images of shape (N, {self.image_size}, "
                              f"{self.image_size}, 3), got {images.shape}")
-        return _chunked(self._encode, self.model, images, self.chunk)
+        return apply_in_chunks(self._encode, self.model, images, self.chunk)
 
     def decode(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -58,4 +49,4 @@ class ImageCodec:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got "
                              f"[{tokens.min()}, {tokens.max()}]")
-        return _chunked(self._decode, self.model, tokens.astype(np.int32), self.chunk)
+        return apply_in_chunks(self._decode, self.model, tokens.astype(np.int32), self.chunk)

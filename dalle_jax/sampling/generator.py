@@ -5,6 +5,10 @@
     images = generate(["a red circle above a blue square"], n=4, seed=0)  # (4, S, S, 3)
     pictures = generate(["a green triangle"], n=2, as_pil=True)           # PIL images
 
+    # Best of 16 by CLIP (see sampling/rerank.py):
+    generate = Generator.from_workdir("workdirs/dalle_mini", clip_workdir="workdirs/clip_mini")
+    result = generate.best_of(["a red circle"], candidates=16, keep=2)
+
 Prompts × n images are drawn in batches of a fixed size (the last one padded), so one compiled
 program serves every call; image i of a prompt uses the key fold_in(key(seed), i), so it is the
 same whatever else is drawn with it.
@@ -49,12 +53,14 @@ def image_keys(seed: int, indices) -> jax.Array:
 
 class Generator:
     def __init__(self, model, codec, tokenizer, *, batch_size: int = 8,
-                 implementation: str = "sparse", mesh=None, rules=None):
+                 implementation: str = "sparse", mesh=None, rules=None, scorer=None):
         """`mesh` and `rules` (optional): sample on a device mesh with the training rules,
-        e.g. images over the data axes and heads over the tensor axis."""
+        e.g. images over the data axes and heads over the tensor axis. `scorer` (a
+        `ClipScorer`, optional) reranks candidates in `best_of`."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.model, self.codec, self.tokenizer = model, codec, tokenizer
+        self.scorer = scorer
         self.batch_size, self.implementation = batch_size, implementation
         self.text_length = model.cfg.text_length
         self.mesh, self.rules = mesh, rules
@@ -86,9 +92,11 @@ class Generator:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
-                     implementation: str = "sparse", mesh_shape=None) -> "Generator":
+                     implementation: str = "sparse", mesh_shape=None,
+                     clip_workdir: str | None = None) -> "Generator":
         """The run in `workdir`, its dVAE and tokenizer; with `mesh_shape` (e.g. (2, 1, 4) over
-        the run's mesh axes) sampling is sharded by the run's own logical-axis rules."""
+        the run's mesh axes) sampling is sharded by the run's own logical-axis rules; with
+        `clip_workdir` a trained CLIP reranks candidates in `best_of`."""
         from dalle_jax import run
         from dalle_jax.models.codec import ImageCodec
         from dalle_jax.text.tokenizer import Tokenizer
@@ -114,8 +122,13 @@ class Generator:
             mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(
                 config.mesh.to_dict(), shape=tuple(mesh_shape), num_devices=0)))
             rules = logical.normalize_rules(config.sharding.rules)
+        scorer = None
+        if clip_workdir is not None:
+            from dalle_jax.models.scorer import ClipScorer
+
+            scorer = ClipScorer.from_workdir(clip_workdir)
         return cls(model, codec, tokenizer, batch_size=batch_size,
-                   implementation=implementation, mesh=mesh, rules=rules)
+                   implementation=implementation, mesh=mesh, rules=rules, scorer=scorer)
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -206,6 +219,22 @@ class Generator:
 
         return [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
                 for im in images]
+
+    def best_of(self, prompts, candidates: int, keep: int = 1, seed: int = 0, **kwargs):
+        """Draws `candidates` images per prompt (as `__call__`, same keyword arguments), scores
+        them with the CLIP scorer and keeps the best `keep`: a `rerank.Reranked`."""
+        from dalle_jax.sampling import rerank
+
+        if self.scorer is None:
+            raise ValueError("best_of needs a CLIP scorer (Generator.from_workdir(..., "
+                             "clip_workdir=...) or Generator(..., scorer=...))")
+        if not 1 <= keep <= candidates:
+            raise ValueError(f"keep={keep} must be between 1 and candidates={candidates}")
+        if kwargs.get("as_pil"):
+            raise ValueError("best_of returns arrays; convert the kept images afterwards")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = self(prompts, candidates, seed, **kwargs)
+        return rerank.rerank(prompts, images, self.scorer, keep)
 
     @property
     def compilations(self) -> int:

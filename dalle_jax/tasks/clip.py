@@ -24,13 +24,12 @@ outranks it), so a collapsed model scores no better than chance; the chance leve
 (`recall_at_1_chance_in_batch`, 1/n for a batch of n real examples) is reported beside them.
 Captions repeat in `synthetic_shapes` ("a red circle"), so a perfect model does not reach 1.
 
-`zero_shot_accuracy` classifies the colour and the shape of single-object images from the
-caption templates "a {colour} {shape}", averaging the text embeddings over the other attribute
-(prompt ensembling, as in CLIP's zero-shot evaluation).
+At every evaluation the task also measures zero-shot colour and shape accuracy on the first
+`config.task.zero_shot_examples` validation images of synthetic_shapes (host-side, see
+`evaluation/retrieval.py`); `python -m dalle_jax.evaluation.retrieval --workdir W` reports
+that and recall over the whole split.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,28 +95,36 @@ def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None):
     return loss, metrics
 
 
-def partner_ranks(similarity, mask=None):
-    """(image->text, text->image) rank of each example's own partner, 0 = first; ties
-    count against it. Works on numpy and jax arrays (also inside jit)."""
+def partner_ranks(similarity, mask=None, relevant=None):
+    """(image->text, text->image) rank of each example's best right answer, 0 = first: the
+    number of wrong answers scoring at least as high (ties count against the model).
+
+    `relevant[i, j]` says caption j describes image i; by default only the pair's own
+    (the diagonal). Works on numpy and jax arrays (also inside jit).
+    """
     s = jnp.asarray(similarity, jnp.float32)
     n = s.shape[0]
     if s.shape != (n, n):
         raise ValueError(f"similarity must be square (images x their captions), got {s.shape}")
     valid = _valid(None if mask is None else jnp.asarray(mask), n)
-    others = valid[None, :] & ~jnp.eye(n, dtype=bool)
-    diagonal = jnp.diagonal(s)
-    image_to_text = jnp.sum((s >= diagonal[:, None]) & others, axis=1)
-    text_to_image = jnp.sum((s >= diagonal[None, :]) & others.T, axis=0)
+    right = jnp.eye(n, dtype=bool) if relevant is None else jnp.asarray(relevant, bool)
+    if right.shape != (n, n):
+        raise ValueError(f"relevant must be {(n, n)} like the similarity, got {right.shape}")
+    best_caption = jnp.max(jnp.where(right, s, -jnp.inf), axis=1)
+    best_image = jnp.max(jnp.where(right, s, -jnp.inf), axis=0)
+    image_to_text = jnp.sum((s >= best_caption[:, None]) & valid[None, :] & ~right, axis=1)
+    text_to_image = jnp.sum((s >= best_image[None, :]) & valid[:, None] & ~right, axis=0)
     return image_to_text, text_to_image
 
 
-def recall_at_k(similarity: np.ndarray, k: int, mask=None) -> tuple[float, float]:
-    """(image->text, text->image) recall@k of a square similarity[image, caption] whose
-    matching pairs are on the diagonal: the share of rows (columns) whose diagonal entry is
-    among their k largest, ties counting against it. `mask` leaves examples out."""
+def recall_at_k(similarity: np.ndarray, k: int, mask=None,
+                relevant=None) -> tuple[float, float]:
+    """(image->text, text->image) recall@k of a square similarity[image, caption]: the share
+    of images (captions) with a right answer among their k best, ties counting against it.
+    Right answers are the diagonal, or `relevant[i, j]`; `mask` leaves examples out."""
     if k < 1:
         raise ValueError(f"recall@k needs k >= 1, got {k}")
-    i2t, t2i = (np.asarray(r) for r in partner_ranks(similarity, mask))
+    i2t, t2i = (np.asarray(r) for r in partner_ranks(similarity, mask, relevant))
     valid = np.ones(len(i2t), bool) if mask is None else np.asarray(mask, bool)
     count = max(int(valid.sum()), 1)
     return float(np.sum((i2t < k) & valid) / count), float(np.sum((t2i < k) & valid) / count)
@@ -130,6 +137,7 @@ class ClipTask:
         self.config = config
         self.model_config = clip_model.clip_config(config.model, config.data, config.text,
                                                    config.train.compute_dtype)
+        self._zero_shot_examples = None  # loaded on first use
 
     # --- the Task interface -------------------------------------------------------------
 
@@ -173,6 +181,24 @@ class ClipTask:
                     sums[f"{direction}_at_{k}"] / count)
         return out
 
+    def evaluate_model(self, model, tokenizer) -> dict[str, float]:
+        """Zero-shot colour/shape accuracy on single-object validation images (synthetic_shapes
+        only; the loop calls this after the batched evaluation, on one process)."""
+        limit = self.config.task.get("zero_shot_examples", 0)
+        if self.config.data.name != "synthetic_shapes" or not limit:
+            return {}
+        from dalle_jax.evaluation import retrieval
+        from dalle_jax.evaluation.examples import load_examples
+        from dalle_jax.models.scorer import ClipScorer
+
+        if self._zero_shot_examples is None:
+            self._zero_shot_examples = load_examples(self.config, limit=limit)
+        examples = self._zero_shot_examples
+        result = retrieval.zero_shot_accuracy(ClipScorer(model, tokenizer), examples.images,
+                                              examples.objects)
+        return {"zero_shot_colour_accuracy": result["colour_accuracy"],
+                "zero_shot_shape_accuracy": result["shape_accuracy"]}
+
     def log_images(self, model, batch):
         """Two rows: the first n images of the batch, and below each the batch image the
         model retrieves for that image's caption (text->image top 1 among the real ones)."""
@@ -184,73 +210,3 @@ class ClipTask:
         rows = [jnp.concatenate(list(row), axis=1) for row in (batch["image"][:n], retrieved)]
         return jnp.concatenate(rows, axis=0).astype(jnp.uint8)
 
-
-# --- zero-shot classification ---------------------------------------------------------------
-
-_encode_images = nnx.jit(lambda model, images: model.encode_images(images))
-_encode_text = nnx.jit(lambda model, text: model.encode_text(text))
-
-
-def _chunked(fn, model, inputs: np.ndarray, chunk: int) -> np.ndarray:
-    """fn over fixed-size chunks (the last padded with zeros), so one compilation serves all."""
-    out = []
-    for start in range(0, len(inputs), chunk):
-        part = inputs[start:start + chunk]
-        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
-                                                part.dtype)])
-        out.append(np.asarray(fn(model, padded))[:len(part)])
-    return np.concatenate(out)
-
-
-def embed_images(model: clip_model.CLIP, images: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """uint8 (N, S, S, 3) -> float32 (N, E), in jit-compiled chunks."""
-    return _chunked(_encode_images, model, np.asarray(images, np.uint8), chunk)
-
-
-def embed_captions(model: clip_model.CLIP, tokenizer, captions: Sequence[str],
-                   chunk: int = 64) -> np.ndarray:
-    """Captions -> float32 (N, E), tokenised to the model's text length."""
-    ids = np.stack([tokenizer.encode(c, model.cfg.text_length) for c in captions])
-    return _chunked(_encode_text, model, ids, chunk)
-
-
-def class_embeddings(model, tokenizer, colours: Sequence[str], shapes: Sequence[str]):
-    """(colour classes (C, E), shape classes (S, E)) from "a {colour} {shape}", each class the
-    renormalised mean over the other attribute's values."""
-    captions = [f"a {c} {s}" for c in colours for s in shapes]
-    text = embed_captions(model, tokenizer, captions).reshape(len(colours), len(shapes), -1)
-
-    def mean_normalised(x, axis):
-        m = x.mean(axis=axis)
-        return m / np.linalg.norm(m, axis=-1, keepdims=True)
-
-    return mean_normalised(text, 1), mean_normalised(text, 0)
-
-
-def zero_shot_accuracy(model: clip_model.CLIP, tokenizer, images: np.ndarray,
-                       objects: Sequence) -> dict[str, float]:
-    """Zero-shot colour and shape accuracy on the single-object images among `images`.
-
-    `objects[i]` is image i's ground truth as the data set's `objects` feature (or a list of
-    {"colour", "shape", ...} dicts); images with more than one object are skipped. Returns
-    {"colour_accuracy", "shape_accuracy", "count"} (count = single-object images judged).
-    """
-    from dalle_jax.data.synthetic_shapes import COLOURS, SHAPES
-    from dalle_jax.evaluation.judge import as_object_list
-
-    if len(images) != len(objects):
-        raise ValueError(f"{len(images)} images but {len(objects)} object lists")
-    truth = [as_object_list(o) for o in objects]
-    single = [i for i, t in enumerate(truth) if len(t) == 1]
-    if not single:
-        raise ValueError("no single-object images to classify")
-    colours, shapes = list(COLOURS), list(SHAPES)
-    colour_classes, shape_classes = class_embeddings(model, tokenizer, colours, shapes)
-    embedded = embed_images(model, np.asarray(images)[single])
-    colour_true = np.array([colours.index(truth[i][0]["colour"]) for i in single])
-    shape_true = np.array([shapes.index(truth[i][0]["shape"]) for i in single])
-    colour_pred = np.argmax(embedded @ colour_classes.T, axis=1)
-    shape_pred = np.argmax(embedded @ shape_classes.T, axis=1)
-    return {"colour_accuracy": float(np.mean(colour_pred == colour_true)),
-            "shape_accuracy": float(np.mean(shape_pred == shape_true)),
-            "count": len(single)}

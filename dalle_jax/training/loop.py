@@ -142,7 +142,18 @@ class Trainer:
                 if limit and index >= limit:
                     break
                 sums = _sum_trees(sums, self._eval_step(params, state.rest, batch, self.frozen))
-        return self.task.summarize(jax.device_get(sums))
+        metrics = self.task.summarize(jax.device_get(sums))
+        return {**metrics, **self._evaluate_model(params, state.rest)}
+
+    def _evaluate_model(self, params, rest) -> dict[str, float]:
+        """A task's host-side evaluation of the whole model (e.g. CLIP's zero-shot accuracy),
+        if it has one. It feeds host arrays to the model, which a multi-process run cannot."""
+        evaluate_model = getattr(self.task, "evaluate_model", None)
+        if evaluate_model is None or jax.process_count() > 1:
+            return {}
+        model = nnx.merge(self.graphdef, params, rest)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return evaluate_model(model, self.tokenizer)
 
     def image_grid(self, state, batch) -> np.ndarray:
         return np.asarray(jax.device_get(self._images_step(

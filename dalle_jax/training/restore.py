@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 from flax import nnx
 
