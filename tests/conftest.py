@@ -85,19 +85,20 @@ def clip_run(mini_config, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dvae_run(mini_config, tmp_path_factory):
-    """A tiny dVAE trained for a few dozen steps: crude tokens, but a real trained tokenizer."""
+    """A tiny dVAE trained for 80 steps: crude tokens, but a real trained tokenizer (shared by
+    the dVAE, transformer and sampling tests)."""
     from dalle_jax import config_lib
     from dalle_jax.training import loop
 
     config = config_lib.load("dvae_mini")
     config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
     config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.model.update(dict(n_hid=8, vocab_size=32, n_init=16))
-    config.task.update(dict(kl_warmup_steps=10, temperature_steps=30))
-    config.optimizer.update(dict(warmup_steps=0, learning_rate=3e-3, ema_decay=0.0))
-    config.train.update(dict(steps=40, log_every=20, eval_every=0, images_every=0,
-                             checkpoint_every=100))
-    workdir = str(tmp_path_factory.mktemp("dvae"))
+    config.model.update(dict(n_hid=16, vocab_size=128, n_init=32))
+    config.task.update(dict(kl_warmup_steps=20, temperature_steps=40))
+    config.optimizer.update(dict(warmup_steps=0, learning_rate=2e-3, ema_decay=0.9))
+    config.train.update(dict(steps=80, log_every=10, eval_every=80, eval_batches=2,
+                             images_every=0, checkpoint_every=100))
+    workdir = str(tmp_path_factory.mktemp("dvae") / "run")
     loop.train(config, workdir)
     return workdir
 
@@ -111,11 +112,14 @@ def tiny_dalle_config(mini_config, dvae_workdir):
     config.data.shapes.update(mini_config().data.shapes.to_dict())
     config.text.update(dict(length=20, vocab_size=64))
     config.task.dvae_workdir = dvae_workdir
-    config.model.update(dict(image_vocab_size=32, d_model=64, num_heads=4, head_dim=16,
+    config.model.update(dict(image_vocab_size=128, d_model=64, num_heads=4, head_dim=16,
                              mlp_dim=128))
     config.optimizer.update(dict(warmup_steps=5, learning_rate=3e-3))
     config.train.update(dict(steps=60, log_every=20, eval_every=60, eval_batches=3,
                              images_every=60, checkpoint_every=100))
+    # Two devices, FSDP: the loop shards the frozen dVAE and the state; the transformer's
+    # sharded = unsharded tests on larger meshes live in test_dalle.py.
+    config.mesh.update(dict(shape=(1, 2, 1), num_devices=2))
     return config
 
 

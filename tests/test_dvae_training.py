@@ -42,13 +42,8 @@ def test_eight_devices_train_the_dvae_like_one(tiny_dvae_config, tmp_path):
     assert fsdp_sharded  # FSDP really split some kernels.
 
 
-def test_short_training_lowers_the_reconstruction_error_and_loads(tiny_dvae_config, tmp_path):
-    config = tiny_dvae_config
-    config.model.update(dict(n_hid=16, vocab_size=128, n_init=32))
-    config.train.update(dict(steps=80, log_every=10, eval_every=80, eval_batches=2))
-    config.optimizer.update(dict(learning_rate=2e-3, ema_decay=0.9))
-    workdir = str(tmp_path / "run")
-    loop.train(config, workdir)
+def test_short_training_lowers_the_reconstruction_error_and_loads(dvae_run):
+    workdir = dvae_run  # 80 steps of a tiny dVAE (tests/conftest.py)
     mse = [r["train/mse"] for r in metrics_lib.read_metrics(workdir) if "train/mse" in r]
     assert mse[-1] < 0.5 * mse[0], mse
 
