@@ -13,7 +13,6 @@ written (best first); `candidates_<prompt index>.png` shows all N in drawing ord
 `samples.json` lists every candidate's score and whether it was kept.
 A thin layer over `dalle_jax.sampling.generator.Generator`.
 """
-import json
 import os
 import sys
 
@@ -67,71 +66,14 @@ def read_image():
         raise ValueError(f"--image {FLAGS.image!r} is not a readable image ({e})") from None
 
 
-def grid_of(images, columns: int):
-    import numpy as np
-
-    rows = [np.concatenate(list(images[i:i + columns]), axis=1)
-            for i in range(0, len(images), columns)]
-    rows[-1] = np.pad(rows[-1], ((0, 0), (0, rows[0].shape[1] - rows[-1].shape[1]), (0, 0)))
-    return np.concatenate(rows, axis=0)
-
-
-def to_pixels(images):
-    import numpy as np
-
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-
-
-def key_of(index: int) -> str:
-    return f"fold_in(key({FLAGS.seed}), {index})"
-
-
 def write_outputs(prompts, images, out: str, reranked=None) -> None:
-    """PNGs, grids and samples.json; `images` are the kept ones with reranking."""
-    from PIL import Image
+    from dalle_jax.sampling.outputs import write_samples
 
-    os.makedirs(out, exist_ok=True)
-    pixels = to_pixels(images)
-    n = len(images) // len(prompts)
-    for p in range(len(prompts)):
-        mine = pixels[p * n:(p + 1) * n]
-        for i, image in enumerate(mine):
-            Image.fromarray(image).save(os.path.join(out, f"{p:03d}_{i:03d}.png"))
-        Image.fromarray(grid_of(mine, min(n, 8))).save(os.path.join(out, f"grid_{p:03d}.png"))
-    record = {"workdir": os.path.abspath(FLAGS.workdir), "prompts": prompts, "n": n,
-              "seed": FLAGS.seed,
-              "settings": {k: getattr(FLAGS, k) for k in (
-                  "temperature", "top_k", "top_p", "guidance", "image", "keep_rows",
-                  "keep_tokens", "attention", "rerank", "keep", "clip_workdir")}}
-    if reranked is None:
-        record["images"] = [{"prompt": p, "index": i, "key": key_of(i),
-                             "file": f"{p:03d}_{i:03d}.png"}
-                            for p in range(len(prompts)) for i in range(n)]
-    else:
-        record["images"] = [{"prompt": p, "rank": r, "index": int(i), "key": key_of(int(i)),
-                             "score": float(reranked.scores[p, i]),
-                             "file": f"{p:03d}_{r:03d}.png"}
-                            for p in range(len(prompts)) for r, i in enumerate(reranked.kept[p])]
-        record["candidates"] = write_candidates(prompts, reranked, out)
-    with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump(record, f, indent=1)
-
-
-def write_candidates(prompts, reranked, out: str) -> list[dict]:
-    """A grid of every prompt's candidates (drawing order) and their scores for the record."""
-    from PIL import Image
-
-    count = reranked.scores.shape[1]
-    pixels = to_pixels(reranked.candidates)
-    records = []
-    for p in range(len(prompts)):
-        grid = grid_of(pixels[p * count:(p + 1) * count], min(count, 8))
-        Image.fromarray(grid).save(os.path.join(out, f"candidates_{p:03d}.png"))
-        rank_of = {int(i): r for r, i in enumerate(reranked.kept[p])}
-        records += [{"prompt": p, "index": i, "key": key_of(i),
-                     "score": float(reranked.scores[p, i]), "kept_rank": rank_of.get(i)}
-                    for i in range(count)]
-    return records
+    settings = {k: getattr(FLAGS, k) for k in (
+        "temperature", "top_k", "top_p", "guidance", "image", "keep_rows", "keep_tokens",
+        "attention", "rerank", "keep", "clip_workdir")}
+    write_samples(out, prompts, images, seed=FLAGS.seed, settings=settings, reranked=reranked,
+                  extra={"workdir": os.path.abspath(FLAGS.workdir)})
 
 
 def check_counts() -> None:

@@ -1,7 +1,8 @@
 """Trains a stage of DALL·E: `python train.py --config configs/<x>.py --workdir DIR`.
 
 The config's `task.name` says which model (e.g. `configs/dvae_mini.py` trains the dVAE);
-restarting with the same workdir resumes from its latest checkpoint. A config without a task
+restarting with the same workdir resumes from its latest checkpoint. A pipeline config
+(`configs/pipeline_mini.py`) trains every stage in turn and draws samples. A config without a task
 (`configs/mini.py`) builds the mesh and the input pipeline and reports a batch's shapes,
 sharding and the pipeline's throughput.
 """
@@ -27,6 +28,14 @@ def main(argv):
     from dalle_jax import run  # After flag parsing: --help stays fast.
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    from dalle_jax import pipeline
+
+    if pipeline.is_pipeline(config):
+        samples = pipeline.run_pipeline(config, workdir)
+        if samples is not None:
+            print(f"images: {os.path.abspath(samples)}/grid_*.png (one grid per caption; "
+                  "samples.json says which is which)")
+        return
     if config.task.name:
         from dalle_jax.training import loop
 

@@ -8,7 +8,7 @@ the transformer (same vocabulary size and length as configs/dalle_mini.py).
 Measured on the 2-core CPU (one device, shared with other jobs): the train step takes 0.22 s
 at batch 64 on a quiet machine (4.7 GFLOP by formula; 0.25 s in the loop with the input
 pipeline beside it, about 0.5 s while other jobs load the machine). Validation zero-shot
-accuracy on the 490 single-object images (`tasks.clip.zero_shot_accuracy`, EMA weights):
+accuracy on the 490 single-object images (`evaluation.retrieval.zero_shot_accuracy`, EMA weights):
 colour 100% and shape 98.4% at step 1500 (13 minutes into a run on a loaded machine,
 compilation included), 100% / 95.5% at step 3000; text->image recall@1 within batches of 64
 0.73 at step 3000 (chance 0.016).

@@ -42,6 +42,8 @@ def get_config():
     config.task.nll_scale_power = 1.0
     config.task.kl_weight = 0.5
     config.task.kl_warmup_steps = 500
+    config.task.kl_weight_end = 0.05
+    config.task.kl_decay_steps = 5000
     config.task.temperature_start = 1.0
     config.task.temperature_end = 1.0 / 16
     config.task.temperature_steps = 3500

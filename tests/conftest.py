@@ -54,94 +54,65 @@ def mini_tokenizer(mini_config, tmp_path_factory):
     return run.load_or_train_tokenizer(mini_config(), str(tmp_path_factory.mktemp("run")))
 
 
-def tiny_clip_config(mini_config):
-    """configs/clip_mini.py shrunk to train in seconds on the mini data set."""
+def tiny_pipeline_config(mini_config):
+    """configs/pipeline_tiny.py on the session's mini data set, with test meshes."""
     from dalle_jax import config_lib
 
-    config = config_lib.load("clip_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=32))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.model.update(dict(image_width=32, image_depth=2, image_heads=1, image_mlp_ratio=2,
-                             text_width=32, text_depth=1, text_heads=1, text_mlp_ratio=2,
-                             embed_dim=32))
-    config.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10, ema_decay=0.0))
-    config.train.update(dict(steps=80, log_every=40, eval_every=80, eval_batches=0,
-                             images_every=80, checkpoint_every=1000))
-    # One device: compiling the step for 8 fake ones doubles the run's time, and the
+    config = config_lib.load("pipeline_tiny")
+    for stage in ("dvae", "clip", "dalle"):
+        config[stage].data.data_dir = mini_config().data.data_dir
+        config[stage].data.shapes.update(mini_config().data.shapes.to_dict())
+    # CLIP on one device: compiling its step for 8 fake ones doubles its time, and the
     # global-batch loss under sharding has its own test in test_clip.py.
-    config.mesh.num_devices = 1
-    return config
-
-
-@pytest.fixture(scope="session")
-def clip_run(mini_config, tmp_path_factory):
-    """The workdir of a short tiny-CLIP run (shared by the CLIP, scoring and sampling tests)."""
-    from dalle_jax.training import loop
-
-    workdir = str(tmp_path_factory.mktemp("clip") / "run")
-    loop.train(tiny_clip_config(mini_config), workdir)
-    return workdir
-
-
-@pytest.fixture(scope="session")
-def dvae_run(mini_config, tmp_path_factory):
-    """A tiny dVAE trained for 80 steps: crude tokens, but a real trained tokenizer (shared by
-    the dVAE, transformer and sampling tests)."""
-    from dalle_jax import config_lib
-    from dalle_jax.training import loop
-
-    config = config_lib.load("dvae_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.model.update(dict(n_hid=16, vocab_size=128, n_init=32))
-    config.task.update(dict(kl_warmup_steps=20, temperature_steps=40))
-    config.optimizer.update(dict(warmup_steps=0, learning_rate=2e-3, ema_decay=0.9))
-    config.train.update(dict(steps=80, log_every=10, eval_every=80, eval_batches=2,
-                             images_every=0, checkpoint_every=100))
-    workdir = str(tmp_path_factory.mktemp("dvae") / "run")
-    loop.train(config, workdir)
-    return workdir
-
-
-def tiny_dalle_config(mini_config, dvae_workdir):
-    """configs/dalle_mini.py shrunk, on the tokens of the tiny dVAE in `dvae_workdir`."""
-    from dalle_jax import config_lib
-
-    config = config_lib.load("dalle_mini")
-    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
-    config.data.shapes.update(mini_config().data.shapes.to_dict())
-    config.text.update(dict(length=20, vocab_size=64))
-    config.task.dvae_workdir = dvae_workdir
-    config.model.update(dict(image_vocab_size=128, d_model=64, num_heads=4, head_dim=16,
-                             mlp_dim=128))
-    config.optimizer.update(dict(warmup_steps=5, learning_rate=3e-3))
-    config.train.update(dict(steps=60, log_every=20, eval_every=60, eval_batches=3,
-                             images_every=60, checkpoint_every=100))
-    # Two devices, FSDP: the loop shards the frozen dVAE and the state; the transformer's
+    config.clip.mesh.num_devices = 1
+    # The transformer on two (FSDP): the loop shards the frozen dVAE and the state; its
     # sharded = unsharded tests on larger meshes live in test_dalle.py.
-    config.mesh.update(dict(shape=(1, 2, 1), num_devices=2))
+    config.dalle.mesh.update(dict(shape=(1, 2, 1), num_devices=2))
     return config
 
 
 @pytest.fixture(scope="session")
-def _dalle_run(mini_config, dvae_run, tmp_path_factory):
+def pipeline_run(mini_config, tmp_path_factory):
+    """The workdir of configs/pipeline_tiny.py run end to end: tokenizer, dvae/, clip/,
+    dalle/ and samples/ (shared by the dVAE, CLIP, transformer and sampling tests)."""
+    from dalle_jax import pipeline
+
+    workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
+    pipeline.run_pipeline(tiny_pipeline_config(mini_config), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def dvae_run(pipeline_run):
+    """A tiny dVAE trained for 80 steps: crude tokens, but a real trained tokenizer."""
+    return os.path.join(pipeline_run, "dvae")
+
+
+@pytest.fixture(scope="session")
+def clip_run(pipeline_run):
+    """A tiny CLIP trained for 80 steps."""
+    return os.path.join(pipeline_run, "clip")
+
+
+@pytest.fixture(scope="session")
+def dalle_run(pipeline_run):
+    """A tiny transformer trained for 60 steps on the tiny dVAE's tokens."""
+    return os.path.join(pipeline_run, "dalle")
+
+
+def tiny_dalle_config(mini_config, pipeline_workdir):
+    """The tiny transformer stage's config as the pipeline in `pipeline_workdir` runs it."""
+    from dalle_jax import pipeline
+
+    config = tiny_pipeline_config(mini_config)
+    return pipeline.stage_configs(config, pipeline_workdir)["dalle"]
+
+
+@pytest.fixture(scope="session")
+def dalle_initial_metrics(mini_config, pipeline_run, tmp_path_factory):
+    """The tiny transformer's validation metrics at initialisation."""
     from dalle_jax.training import loop
 
-    config = tiny_dalle_config(mini_config, dvae_run)
-    root = tmp_path_factory.mktemp("dalle")
-    trainer = loop.Trainer(config, str(root / "init"))
-    initial = trainer.evaluate(trainer._init())
-    loop.train(config, str(root / "run"))
-    return str(root / "run"), initial
-
-
-@pytest.fixture(scope="session")
-def dalle_run(_dalle_run):
-    """The workdir of a short tiny-transformer run on the tiny dVAE's tokens."""
-    return _dalle_run[0]
-
-
-@pytest.fixture(scope="session")
-def dalle_initial_metrics(_dalle_run):
-    """That run's validation metrics at initialisation."""
-    return _dalle_run[1]
+    config = tiny_dalle_config(mini_config, pipeline_run)
+    trainer = loop.Trainer(config, str(tmp_path_factory.mktemp("dalle_init")))
+    return trainer.evaluate(trainer._init())

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def tiny_dalle_config(mini_config, dvae_run):
-    return conftest.tiny_dalle_config(mini_config, dvae_run)
+def tiny_dalle_config(mini_config, pipeline_run):
+    return conftest.tiny_dalle_config(mini_config, pipeline_run)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,19 @@ def test_schedules_end_points_and_monotonicity():
     np.testing.assert_allclose(tau(steps), optax_tau(steps), rtol=1e-5)
 
 
+def test_kl_weight_can_fall_after_its_warm_up():
+    task = load_config("dvae").task
+    task.update(dict(kl_weight=0.5, kl_warmup_steps=100, kl_weight_end=0.05,
+                     kl_decay_steps=1000))
+    beta = dvae_task.kl_weight_schedule(task)
+    assert float(beta(0)) == 0.0 and float(beta(100)) == pytest.approx(0.5)
+    assert float(beta(1100)) == pytest.approx(0.05) and float(beta(10**6)) == pytest.approx(0.05)
+    assert float(beta(600)) == pytest.approx(0.275)  # half-way down the half cosine
+    values = np.asarray(beta(jnp.arange(0, 2000, 7)))
+    peak = int(np.argmax(values))
+    assert np.all(np.diff(values[:peak + 1]) >= 0) and np.all(np.diff(values[peak:]) <= 0)
+
+
 def test_loss_is_finite_ignores_masked_rows_and_logs_its_metrics(tiny):
     _, task, model = tiny
     images = random_images(4, 8)

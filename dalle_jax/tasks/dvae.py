@@ -47,7 +47,17 @@ def half_cosine(start: float, end: float, steps: int) -> Callable[[jax.Array], j
 
 
 def kl_weight_schedule(task_config) -> Callable[[jax.Array], jax.Array]:
-    return half_cosine(0.0, task_config.kl_weight, task_config.kl_warmup_steps)
+    """0 -> kl_weight over kl_warmup_steps (the paper's rise), then, if the config says so,
+    kl_weight -> kl_weight_end over the next kl_decay_steps: a late, weaker KL lets the
+    encoder's posterior sharpen once the codebook is in use, so the codes the decoder learns
+    from are the argmax codes it will be given."""
+    warmup = task_config.kl_warmup_steps
+    rise = half_cosine(0.0, task_config.kl_weight, warmup)
+    end = task_config.get("kl_weight_end", None)
+    if end is None:
+        return rise
+    fall = half_cosine(task_config.kl_weight, end, task_config.kl_decay_steps)
+    return lambda step: jnp.where(step < warmup, rise(step), fall(step - warmup))
 
 
 def temperature_schedule(task_config) -> Callable[[jax.Array], jax.Array]:

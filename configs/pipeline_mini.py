@@ -1,0 +1,35 @@
+"""The mini pipeline on this CPU: tokenizer -> dVAE -> CLIP -> transformer -> samples.
+
+python train.py --config configs/pipeline_mini.py --workdir workdirs/mini
+
+Each stage is its own config (configs/dvae_mini.py, clip_mini.py, dalle_mini.py) and can be
+changed from the command line through it, e.g. --config.dalle.train.steps=1000. The stages
+share the caption tokenizer (`text`); `samples` says what to draw at the end.
+"""
+import ml_collections
+
+from dalle_jax import config_lib
+
+# Captions for the final grids: seen combinations and held-out colour-shape pairs (yellow
+# triangle, blue circle, cyan square and magenta circle never occur in training).
+PROMPTS = (
+    "a red circle above a blue square",
+    "a green triangle to the left of a yellow circle",
+    "a magenta square in the bottom right",
+    "a cyan triangle and a red square",
+    "a yellow triangle",
+    "a blue circle below a green square",
+)
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.stages = ("dvae", "clip", "dalle")
+    config.text = ml_collections.ConfigDict(dict(length=24, vocab_size=128))
+    config.dvae = config_lib.load("dvae_mini")
+    config.clip = config_lib.load("clip_mini")
+    config.dalle = config_lib.load("dalle_mini")
+    config.samples = ml_collections.ConfigDict(dict(
+        prompts=PROMPTS, candidates=16, keep=4, seed=0, batch_size=16,
+        temperature=1.0, top_k=0, top_p=1.0, guidance=1.0))
+    return config

@@ -1,0 +1,130 @@
+"""The whole pipeline, tokenizer to samples (configs/pipeline_tiny.py): its hand-overs, skipping and resuming."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from conftest import tiny_pipeline_config
+from dalle_jax import pipeline
+from dalle_jax.training import restore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_stages_share_one_tokenizer_and_the_pipelines_dvae(mini_config, pipeline_run):
+    configs = pipeline.stage_configs(tiny_pipeline_config(mini_config), pipeline_run)
+    tokenizer = os.path.join(pipeline_run, "tokenizer.model")
+    assert os.path.isfile(tokenizer)
+    for stage in ("dvae", "clip", "dalle"):
+        saved = restore.load_config(os.path.join(pipeline_run, stage))
+        assert saved.text.tokenizer == tokenizer == configs[stage].text.tokenizer
+        assert (saved.text.length, saved.text.vocab_size) == (20, 64)
+    assert configs["dalle"].task.dvae_workdir == os.path.join(pipeline_run, "dvae")
+    with pytest.raises(ValueError, match="'dalle' without 'dvae'"):
+        config = tiny_pipeline_config(mini_config)
+        config.stages = ("clip", "dalle")
+        pipeline.stage_configs(config, pipeline_run)
+    with pytest.raises(ValueError, match="each must be one of"):
+        config.stages = ("dvae", "gan")
+        pipeline.stage_configs(config, pipeline_run)
+
+
+def test_samples_are_reranked_grids_with_scores(pipeline_run):
+    out = os.path.join(pipeline_run, "samples")
+    with open(os.path.join(out, "samples.json")) as f:
+        record = json.load(f)
+    assert len(record["prompts"]) == 2 and record["n"] == 2
+    assert len(record["candidates"]) == 2 * 4
+    for p in range(2):
+        grid = np.asarray(Image.open(os.path.join(out, f"grid_{p:03d}.png")))
+        assert grid.shape == (32, 64, 3)
+        kept = [c for c in record["candidates"] if c["prompt"] == p and c["kept_rank"] is not None]
+        best = sorted((c for c in record["candidates"] if c["prompt"] == p),
+                      key=lambda c: -c["score"])[:2]
+        assert sorted(c["index"] for c in kept) == sorted(c["index"] for c in best)
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
+        mini_config, pipeline_run, tmp_path):
+    """A copy of the finished run loses the transformer's last checkpoint (as if killed after
+    step 30): `train.py` with the pipeline config skips the dVAE and CLIP, resumes the
+    transformer from step 30 and ends with the parameters of the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(pipeline_run, workdir)
+    shutil.rmtree(os.path.join(workdir, "dalle", "checkpoints", "60"))
+    shutil.rmtree(os.path.join(workdir, "samples"))
+    assert pipeline.trained_steps(os.path.join(workdir, "dalle")) == 30
+
+    data_dir = mini_config().data.data_dir
+    overrides = [f"--config.{stage}.data.data_dir={data_dir}" for stage in ("dvae", "clip", "dalle")]
+    result = run_train("--config", os.path.join(ROOT, "configs", "pipeline_tiny.py"),
+                       "--workdir", workdir, *overrides,
+                       "--config.clip.mesh.num_devices=1", "--config.dalle.mesh.shape=(1,2,1)",
+                       "--config.dalle.mesh.num_devices=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[dvae] already trained to step 80: skipped" in result.stdout
+    assert "[clip] already trained to step 80: skipped" in result.stdout
+    assert "[dalle] training 30 steps from step 30" in result.stdout
+    assert f"images: {os.path.join(workdir, 'samples')}/grid_*.png" in result.stdout
+
+    resumed, _ = restore.load_model(os.path.join(workdir, "dalle"), use_ema=False)
+    original, _ = restore.load_model(os.path.join(pipeline_run, "dalle"), use_ema=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(resumed, nnx.Param)),
+                    jax.tree.leaves(nnx.state(original, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # The same seed draws the same candidates from the same model.
+    with open(os.path.join(workdir, "samples", "samples.json")) as f, \
+            open(os.path.join(pipeline_run, "samples", "samples.json")) as g:
+        again, first = json.load(f), json.load(g)
+    np.testing.assert_allclose([c["score"] for c in again["candidates"]],
+                               [c["score"] for c in first["candidates"]], atol=1e-3)
+
+
+def test_judged_rates_on_true_and_shifted_captions(mini_config):
+    from dalle_jax.evaluation import judge
+    from dalle_jax.evaluation.captions import judged_rates
+    from dalle_jax.evaluation.examples import load_examples
+
+    examples = load_examples(mini_config(), limit=40)
+    rates = judged_rates(examples.images, examples.captions)
+    assert rates["images"] == 40 and rates["match"] == 1.0 and rates["colour"] == 1.0
+    shifted = examples.captions[1:] + examples.captions[:1]
+    expected = np.mean([judge.matches(im, c) for im, c in zip(examples.images, shifted)])
+    assert expected < 0.5
+    assert judged_rates(examples.images / 255.0, shifted)["match"] == pytest.approx(expected)
+
+
+def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
+    from dalle_jax import evaluate
+
+    report = evaluate.main(["--workdir", pipeline_run, "--captions", "3", "--candidates", "2",
+                            "--keep", "1", "--guidance", "2", "--batch_size", "8",
+                            "--reference_examples", "40"])
+    for split in ("validation", "heldout"):
+        result = report["splits"][split]
+        assert result["captions"] == 3
+        assert set(result["rates"]) == {"plain", "best 1 of 2 by CLIP", "guidance 2"}
+        assert result["rates"]["plain"]["images"] == 6
+        assert result["rates"]["best 1 of 2 by CLIP"]["images"] == 3
+        for file in result["grids"].values():
+            assert os.path.isfile(os.path.join(pipeline_run, "evaluation", file))
+    assert report["dvae"]["examples"] == 40 and "objects_kept" in report["dvae"]
+    assert 0.0 <= report["clip"]["text_to_image_recall_at_1"] <= 1.0
+    with open(os.path.join(pipeline_run, "evaluation", "report.md")) as f:
+        text = f.read()
+    assert "## `heldout`: 3 captions" in text and "PSNR" in text
+    assert "report and grids in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--keep=3"):
+        evaluate.main(["--workdir", pipeline_run, "--candidates", "2", "--keep", "3"])
