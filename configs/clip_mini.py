@@ -5,13 +5,11 @@ python train.py --config configs/clip_mini.py --workdir workdirs/clip_mini
 No flips (captions say "left of"); the caption tokenizer is trained into the workdir as for
 the transformer (same vocabulary size and length as configs/dalle_mini.py).
 
-Measured on the 2-core CPU (one device, shared with other jobs): the train step takes 0.22 s
-at batch 64 on a quiet machine (4.7 GFLOP by formula; 0.25 s in the loop with the input
-pipeline beside it, about 0.5 s while other jobs load the machine). Validation zero-shot
-accuracy on the 490 single-object images (`evaluation.retrieval.zero_shot_accuracy`, EMA weights):
-colour 100% and shape 98.4% at step 1500 (13 minutes into a run on a loaded machine,
-compilation included), 100% / 95.5% at step 3000; text->image recall@1 within batches of 64
-0.73 at step 3000 (chance 0.016).
+Measured on the 2-core CPU with nothing else running (BENCHMARKS.md): the train step takes
+0.20 s at batch 64 (4.7 GFLOP by formula), 0.23 s in the loop; 3,000 steps took 12.7 minutes.
+Zero-shot accuracy on the 490 single-object validation images (EMA weights, logged at every
+evaluation): colour 100% and shape 98.4% at step 1500, 100% / 95.5% at step 3000;
+text->image recall@1 within batches of 64 0.73 at step 3000 (chance 0.016).
 """
 from dalle_jax import config_lib
 

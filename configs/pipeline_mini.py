@@ -29,6 +29,10 @@ def get_config():
     config.dvae = config_lib.load("dvae_mini")
     config.clip = config_lib.load("clip_mini")
     config.dalle = config_lib.load("dalle_mini")
+    # Within the 40-minute budget of the whole job on 2 CPU cores (measured times in
+    # BENCHMARKS.md): CLIP's zero-shot accuracy is already above 95% at 1500 steps.
+    config.clip.train.steps = 1500
+    config.dalle.train.steps = 2500
     config.samples = ml_collections.ConfigDict(dict(
         prompts=PROMPTS, candidates=16, keep=4, seed=0, batch_size=16,
         temperature=1.0, top_k=0, top_p=1.0, guidance=1.0))
