@@ -51,6 +51,20 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
     return configs
 
 
+def validate(config, workdir: str = "") -> dict[str, ml_collections.ConfigDict]:
+    """The stage configs, each checked before any stage runs: a bad value in the last stage
+    is an error now, not after the first stages have trained."""
+    from dalle_jax import config_lib
+
+    configs = stage_configs(config, workdir)
+    for stage, stage_config in configs.items():
+        try:
+            config_lib.validate(stage_config)
+        except ValueError as e:
+            raise ValueError(f"stage {stage!r} (config.{stage}): {e}") from None
+    return configs
+
+
 def trained_steps(workdir: str) -> int:
     """The latest checkpointed step of a stage's workdir (0 when it has none)."""
     from dalle_jax.training import checkpoint
@@ -118,7 +132,7 @@ def draw_samples(config, workdir: str) -> str:
 def run_pipeline(config, workdir: str) -> str | None:
     """Runs every stage that is not done yet; the samples directory, or None if a stage
     stopped early (run the same command again to continue)."""
-    configs = stage_configs(config, workdir)
+    configs = validate(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     logging.info("pipeline stages %s in %s", tuple(configs), workdir)
     train_tokenizer(config, workdir)

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from dalle_jax import config_lib
+from dalle_jax import config_lib, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [f for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith(".py")]
@@ -57,7 +57,19 @@ def test_every_config_loads_and_validates(name):
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                     sys_argv=argv)
     values(argv)
-    config_lib.validate(values.config)
+    if pipeline.is_pipeline(values.config):
+        assert set(pipeline.validate(values.config)) == set(values.config.stages)
+    else:
+        config_lib.validate(values.config)
+
+
+def test_a_bad_value_in_a_later_pipeline_stage_fails_before_any_stage_runs(tmp_path):
+    config = config_lib.load("pipeline_tiny")
+    config.dalle.data.batch_size = 0
+    with pytest.raises(ValueError, match=r"stage 'dalle' \(config.dalle\): "
+                                         r"config.data.batch_size=0"):
+        pipeline.run_pipeline(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # nothing trained, nothing written
 
 
 @pytest.mark.parametrize("override, culprit", [

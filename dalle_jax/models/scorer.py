@@ -25,6 +25,7 @@ from flax import nnx
 
 from dalle_jax.models.chunks import apply_in_chunks
 from dalle_jax.models.clip import CLIP
+from dalle_jax.text.tokenizer import encode_texts
 
 _encode_images = nnx.jit(lambda model, images: model.encode_images(images))
 _encode_text = nnx.jit(lambda model, text: model.encode_text(text))
@@ -71,15 +72,7 @@ class ClipScorer:
         return cls(model, Tokenizer(run.tokenizer_path(config, workdir)), chunk)
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
-        rows = []
-        for caption in captions:
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(f"caption {caption!r} is empty")
-            if self.tokenizer.count(caption) > self.text_length:
-                logging.warning("caption %r needs %d tokens, more than CLIP's %d: truncated",
-                                caption, self.tokenizer.count(caption), self.text_length)
-            rows.append(self.tokenizer.encode(caption, self.text_length))
-        return np.stack(rows)
+        return encode_texts(self.tokenizer, captions, self.text_length)
 
     def image_embeddings(self, images) -> np.ndarray:
         """float32 (N, E), L2-normalised."""

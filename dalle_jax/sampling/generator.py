@@ -27,6 +27,7 @@ from flax import nnx
 from dalle_jax.sampling import decode
 from dalle_jax.sharding import logical
 from dalle_jax.sharding import mesh as mesh_lib
+from dalle_jax.text.tokenizer import encode_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +134,7 @@ class Generator:
     # --- inputs -------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        rows = []
-        for prompt in prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt {prompt!r} is empty")
-            if self.tokenizer.count(prompt) > self.text_length:
-                logging.warning("prompt %r needs %d tokens, more than the model's %d: truncated",
-                                prompt, self.tokenizer.count(prompt), self.text_length)
-            rows.append(self.tokenizer.encode(prompt, self.text_length))
-        return np.stack(rows)
+        return encode_texts(self.tokenizer, prompts, self.text_length, what="prompt")
 
     def image_tokens_to_keep(self, image: np.ndarray) -> np.ndarray:
         """The dVAE tokens (N,) of one uint8 image, resized to the model's size if needed."""

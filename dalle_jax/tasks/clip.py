@@ -209,4 +209,3 @@ class ClipTask:
         retrieved = jnp.take(batch["image"], jnp.argmax(sims, axis=0), axis=0)
         rows = [jnp.concatenate(list(row), axis=1) for row in (batch["image"][:n], retrieved)]
         return jnp.concatenate(rows, axis=0).astype(jnp.uint8)
-

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_FILENAME = "tokenizer.model"
@@ -96,3 +97,18 @@ class Tokenizer:
     def __reduce__(self):
         # Grain workers receive transforms by pickling: ship the path, not the C++ object.
         return (Tokenizer, (self.path,))
+
+
+def encode_texts(tokenizer, texts, length: int, what: str = "caption") -> np.ndarray:
+    """int32 (N, length) ids of `texts` for a model reading `length` tokens: an empty text is a
+    ValueError naming it, an over-long one is truncated with a warning (what = "prompt", ...)."""
+    rows = []
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{what} {text!r} is empty")
+        needed = tokenizer.count(text)
+        if needed > length:
+            logging.warning("%s %r needs %d tokens, more than the model's %d: truncated",
+                            what, text, needed, length)
+        rows.append(tokenizer.encode(text, length))
+    return np.stack(rows)

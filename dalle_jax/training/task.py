@@ -11,6 +11,10 @@ A task that needs fixed inputs besides its own parameters (the transformer needs
 dVAE) defines `frozen_state() -> nnx.State`; the loop shards that state once, by its logical
 axes, passes it to every step as an argument (never trained, never baked into the program as a
 constant) and the task finds it in the batch under 'frozen'.
+
+A task may also define `evaluate_model(model, tokenizer) -> dict[str, float]` for evaluations
+that need the whole model on the host rather than sums over batches (CLIP's zero-shot
+accuracy); the loop adds its figures to each evaluation's metrics (single-process runs only).
 """
 from __future__ import annotations
 
