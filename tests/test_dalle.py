@@ -187,14 +187,21 @@ def sharded_loss_and_grads(cfg, params, text, tokens, mesh_shape):
     return float(loss), jax.device_get(grads), placed
 
 
+@pytest.fixture(scope="module")
+def eight_way():
+    """A model whose heads and MLP split 8 ways, a batch of 8, and its one-device loss and
+    gradients (computed once for every mesh below)."""
+    cfg = small_config(num_heads=8, head_dim=4, mlp_dim=64)
+    model = dalle.DALLE(cfg, rngs=fast_rngs())
+    text, tokens = captions(cfg, [1, 2, 3, 4, 1, 2, 3, 4]), image_tokens(cfg, 8)
+    return cfg, model, text, tokens, _one_device(model, text, tokens)
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)],
                          ids=["data8", "fsdp8", "data2-fsdp2-tensor2", "tensor8"])
-def test_sharded_loss_and_gradients_equal_one_device(mesh_shape):
-    cfg = small_config(num_heads=8, head_dim=4, mlp_dim=64)  # heads and mlp split 8 ways
-    model = dalle.DALLE(cfg, rngs=fast_rngs())
+def test_sharded_loss_and_gradients_equal_one_device(eight_way, mesh_shape):
+    cfg, model, text, tokens, (expected_loss, expected_grads) = eight_way
     params = nnx.state(model, nnx.Param)
-    text, tokens = captions(cfg, [1, 2, 3, 4, 1, 2, 3, 4]), image_tokens(cfg, 8)
-    expected_loss, expected_grads = _one_device(model, text, tokens)
     loss, grads, placed = sharded_loss_and_grads(cfg, params, text, tokens, mesh_shape)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
@@ -256,11 +263,17 @@ def test_12b_partition_specs_match_the_golden_file():
     assert specs["stack/blocks/attention/query"] == str(jax.P(None, "fsdp", "tensor", None))
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_rematerialisation_changes_memory_not_results(small, remat):
+@pytest.fixture(scope="module")
+def unrematted(small):
     cfg, model = small
     text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
-    expected_loss, expected_grads = _one_device(model, text, tokens)
+    return text, tokens, _one_device(model, text, tokens)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_rematerialisation_changes_memory_not_results(small, unrematted, remat):
+    cfg, model = small
+    text, tokens, (expected_loss, expected_grads) = unrematted
     rematted = nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, remat=remat),
                                                   rngs=fast_rngs())), nnx.state(model))
     loss, grads = _one_device(rematted, text, tokens)
