@@ -210,8 +210,9 @@ class Generator:
             return images
         from PIL import Image
 
-        return [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8))
-                for im in images]
+        from dalle_jax.sampling.outputs import to_pixels
+
+        return [Image.fromarray(pixels) for pixels in to_pixels(images)]
 
     def best_of(self, prompts, candidates: int, keep: int = 1, seed: int = 0, **kwargs):
         """Draws `candidates` images per prompt (as `__call__`, same keyword arguments), scores
