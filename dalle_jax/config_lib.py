@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
         enabled=False, coordinator_address="", num_processes=0, process_id=-1,
         cpu_collectives=""))  # "gloo" for multi-process runs on CPU devices
 
+    c.profile_steps = 0  # train steps traced into <workdir>/profile (0 = none), from the 4th on
     c.report_batches = 20  # train.py, until the models exist: batches timed in the report
 
     # Which model family the loop trains ("dvae", later "dalle", "clip"); each task adds its
@@ -99,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_every=500,
         eval_batches=0,  # 0 = the whole evaluation split
         images_every=500,
-        checkpoint_every=500,
+        checkpoint_every=500,  # 0 = only at the end of training and on preemption
         keep_checkpoints=3,
         max_nonfinite_in_row=10,  # skipped non-finite steps in a row before the run stops
     ))
@@ -198,3 +199,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(len(config.mesh.axes) == len(config.mesh.shape),
            f"config.mesh.shape {tuple(config.mesh.shape)} and config.mesh.axes "
            f"{tuple(config.mesh.axes)} differ in length")
+    _check(config.profile_steps >= 0, f"config.profile_steps={config.profile_steps} must be >= 0")
+    train = config.train
+    _check(train.steps > 0, f"config.train.steps={train.steps} must be positive")
+    for key in ("log_every", "eval_every", "images_every", "checkpoint_every"):
+        _check(train[key] >= 0, f"config.train.{key}={train[key]} must be >= 0 (0 = off)")
+    _check(train.keep_checkpoints > 0,
+           f"config.train.keep_checkpoints={train.keep_checkpoints} must be positive")

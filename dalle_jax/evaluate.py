@@ -4,8 +4,8 @@
 
 For the distinct captions of the `validation` split and of `heldout` (colour-shape pairs the
 models never saw), images are drawn and judged from pixels (`evaluation/captions.py`): plain
-sampling, the best of N by CLIP, and classifier-free guidance at a few scales. Beside them:
-the dVAE's reconstruction PSNR and objects kept, CLIP's recall and zero-shot accuracy.
+sampling and classifier-free guidance at a few scales, each also reranked (best of N by
+CLIP). Beside them: the dVAE's reconstruction PSNR and objects kept, CLIP's recall and zero-shot accuracy.
 Writes `evaluation/report.md`, `report.json` and one image grid per split and setting
 (rows: captions, columns: images) into the workdir, and prints the report.
 """
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     parser.add_argument("--captions", type=int, default=40, help="distinct captions per split")
     parser.add_argument("--candidates", type=int, default=16, help="images drawn per caption")
     parser.add_argument("--keep", type=int, default=1, help="images kept by CLIP per caption")
-    parser.add_argument("--guidance", default="2,4", help="guidance scales, comma-separated "
+    parser.add_argument("--guidance", default="1.5,2,3", help="guidance scales, comma-separated "
                         "('' for none)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per compiled call")
     parser.add_argument("--seed", type=int, default=0)

@@ -78,6 +78,9 @@ def test_a_bad_value_in_a_later_pipeline_stage_fails_before_any_stage_runs(tmp_p
     (("text", "length", 1), "config.text.length=1"),
     (("text", "bpe_dropout", 1.5), "config.text.bpe_dropout=1.5"),
     (("data", "workers", -1), "config.data.workers=-1"),
+    (("train", "steps", 0), "config.train.steps=0"),
+    (("train", "checkpoint_every", -1), "config.train.checkpoint_every=-1"),
+    (("train", "keep_checkpoints", 0), "config.train.keep_checkpoints=0"),
 ])
 def test_bad_values_get_a_one_line_error_naming_them(override, culprit):
     config = parse()

@@ -115,9 +115,11 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     for split in ("validation", "heldout"):
         result = report["splits"][split]
         assert result["captions"] == 3
-        assert set(result["rates"]) == {"plain", "best 1 of 2 by CLIP", "guidance 2"}
+        assert set(result["rates"]) == {"plain", "plain, best 1 of 2 by CLIP", "guidance 2",
+                                       "guidance 2, best 1 of 2 by CLIP"}
         assert result["rates"]["plain"]["images"] == 6
-        assert result["rates"]["best 1 of 2 by CLIP"]["images"] == 3
+        assert result["rates"]["guidance 2"]["images"] == 6
+        assert result["rates"]["plain, best 1 of 2 by CLIP"]["images"] == 3
         for file in result["grids"].values():
             assert os.path.isfile(os.path.join(pipeline_run, "evaluation", file))
     assert report["dvae"]["examples"] == 40 and "objects_kept" in report["dvae"]

@@ -81,18 +81,22 @@ def test_host_shards_are_disjoint_and_cover_the_split(mini_config, mini_tokenize
     assert covered <= set(reference) and len(reference) - len(covered) < process_count
 
 
-def test_training_hosts_shuffle_disjoint_parts(mini_config, mini_tokenizer):
+def test_training_hosts_read_their_pieces_of_one_global_stream(mini_config, mini_tokenizer):
     config = mini_config()
     config.data.batch_size = 20
-    hosts = []
-    for index in range(2):
-        loader = pipeline.make_loader(config, "train", mini_tokenizer, training=True,
-                                      process_index=index, process_count=2)
-        # One epoch of a host's shard: 150 records = 15 batches of 10.
-        hosts.append([digest(im) for batch in take(loader, 15) for im in batch["image"]])
-    assert all(len(set(h)) == 150 for h in hosts)
-    assert not set(hosts[0]) & set(hosts[1])
-    assert set(hosts[0]) | set(hosts[1]) == set(source_digests(config, "train"))
+    # The reference: one process reading whole global batches (300 records = 15 batches).
+    whole = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 15)
+    hosts = [take(pipeline.make_loader(config, "train", mini_tokenizer, training=True,
+                                       process_index=index, process_count=2), 15)
+             for index in range(2)]
+    for step, global_batch in enumerate(whole):
+        for key in global_batch:
+            np.testing.assert_array_equal(
+                np.concatenate([hosts[0][step][key], hosts[1][step][key]]), global_batch[key])
+    # Each host reads only its half of every global batch, and an epoch covers the split.
+    digests = [[digest(im) for batch in host for im in batch["image"]] for host in hosts]
+    assert all(len(d) == 150 for d in digests)
+    assert set(digests[0]) | set(digests[1]) == set(source_digests(config, "train"))
 
 
 def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini_tokenizer):

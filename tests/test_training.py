@@ -73,6 +73,18 @@ def test_run_logs_metrics_images_and_checkpoints(toy_config, tmp_path):
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())[-1] == 8
 
 
+def test_profile_steps_write_a_trace_and_checkpoint_every_zero_saves_only_the_end(
+        toy_config, tmp_path):
+    toy_config.profile_steps = 2
+    toy_config.train.checkpoint_every = 0
+    state = loop.train(toy_config, str(tmp_path), task=ToyTask())
+    assert int(state.step) == 8
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files
+              if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
+    assert [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()] == ["8"]
+
+
 def test_state_is_created_sharded_by_logical_axes(toy_config, tmp_path):
     toy_config.mesh.shape = (2, 2, 2)
     trainer = loop.Trainer(toy_config, str(tmp_path), ToyTask())

@@ -61,8 +61,12 @@ def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
                 source=None) -> grain.IterDataset:
     """This process's part of `split` as a Grain dataset of host-local batches.
 
-    Training streams reshuffle every epoch, forever; evaluation streams read their part once,
-    in order, with a smaller last batch (padded later, see `pad_batch`). Batches are formed
+    Training streams reshuffle every epoch, forever, and are one global stream for any number
+    of processes: it is cut into host-sized pieces that the processes take in turn, so global
+    batch k holds the same examples, augmented alike, whether one process or many read it, and
+    every process's iterator stands at the same position (a checkpoint restores on another
+    process count). Evaluation streams read a disjoint part of the split per process once, in
+    order, with a smaller last batch (padded later, see `pad_batch`). Batches are formed
     before the worker processes split the work, so the stream is the same for any number of
     workers, and every example's random generator comes from (seed, position in the stream).
     """
@@ -72,19 +76,24 @@ def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
     if source is None:
         source = sources.data_source(sources.prepared_builder(data), split)
     dataset = grain.MapDataset.source(source)
-    # Every host takes the same number of records, hence of batches: a host that ran out
-    # early would hang the others' collectives.
-    usable = len(dataset) - len(dataset) % process_count
-    dataset = dataset[:usable][process_index::process_count]
-    if len(dataset) == 0:
-        raise ValueError(f"split {split!r} has {len(source)} examples, too few for "
-                         f"{process_count} processes")
+    host_batch = host_batch_size(data.batch_size, process_count)
+    prepare = PrepareExample(data, config.text, tokenizer, training)
     if training:
+        if len(dataset) < data.batch_size:
+            raise ValueError(f"split {split!r} has {len(dataset)} examples, fewer than "
+                             f"config.data.batch_size={data.batch_size}")
         dataset = dataset.shuffle(seed=config.seed).repeat(None)
-    dataset = dataset.random_map(PrepareExample(data, config.text, tokenizer, training),
-                                 seed=config.seed)
-    dataset = dataset.batch(host_batch_size(data.batch_size, process_count),
-                            drop_remainder=training)
+        dataset = dataset.random_map(prepare, seed=config.seed)
+        dataset = dataset.batch(host_batch, drop_remainder=True)[process_index::process_count]
+    else:
+        # Every host takes the same number of records, hence of batches: a host that ran
+        # out early would hang the others' collectives.
+        usable = len(dataset) - len(dataset) % process_count
+        dataset = dataset[:usable][process_index::process_count]
+        if len(dataset) == 0:
+            raise ValueError(f"split {split!r} has {len(source)} examples, too few for "
+                             f"{process_count} processes")
+        dataset = dataset.random_map(prepare, seed=config.seed).batch(host_batch)
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=64))
     if data.workers > 0:
@@ -111,7 +120,7 @@ class GlobalBatches:
     `get_state()` describes the position after the last batch *returned*, not after the ones
     waiting in the prefetch queue, so a checkpoint taken between steps resumes with exactly the
     batch the step after it would have seen. The state is JSON bytes, the form Grain's Orbax
-    checkpoint handler (`grain.checkpoint.CheckpointSave/Restore`) stores per process.
+    checkpoint handler (`training.checkpoint.DataCheckpointHandler`) stores per process.
     """
 
     def __init__(self, loader: grain.IterDataset, mesh: jax.sharding.Mesh, rules,

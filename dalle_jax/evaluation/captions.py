@@ -1,9 +1,9 @@
 """Do sampled images show their captions? Judged from pixels, per setting and split.
 
-For each caption, `candidates` images are drawn with plain sampling; the plain figures are
-over all of them, and the reranked ones over the `keep` that CLIP scores highest among them
-(best of N from the very same draws, so the two differ only by the choice). Guided settings
-draw their own images. Every image is read by `evaluation.judge`: `match` (everything the
+For each caption and setting (plain sampling, classifier-free guidance at each scale),
+`candidates` images are drawn; the setting's figures are over all of them, and its reranked
+figures over the `keep` that CLIP scores highest among them (best of N from the very same
+draws, so the two differ only by the choice). Every image is read by `evaluation.judge`: `match` (everything the
 caption says, nothing extra) and per attribute: colour, shape, position (captions that state
 a cell), relation (captions that state one), count (no object missing or extra).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from dalle_jax.evaluation import judge
+from dalle_jax.sampling import rerank
 from dalle_jax.sampling.outputs import to_pixels
 
 ATTRIBUTES = ("match", "colour", "shape", "position", "relation", "count")
@@ -43,24 +44,20 @@ def distinct_captions(captions, limit: int) -> list[str]:
 def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: int,
                       guidance_scales=(), seed: int = 0, temperature: float = 1.0):
     """{setting name: rates} and {setting name: images (len(captions), k, S, S, 3)} for plain
-    sampling, best-`keep`-of-`candidates` by CLIP (when the generator has a scorer) and
-    each guidance scale (`keep` images per caption)."""
+    sampling and each guidance scale (over all `candidates` drawn per caption), and for the
+    best `keep` of those candidates by CLIP (when the generator has a scorer)."""
     rates, images = {}, {}
-    if generate.scorer is not None:
-        result = generate.best_of(captions, candidates, keep, seed, temperature=temperature)
-        drawn = result.candidates
-    else:
-        drawn = generate(captions, candidates, seed, temperature=temperature)
-    size = drawn.shape[1:]
-    rates["plain"] = judged_rates(drawn, list(np.repeat(captions, candidates)))
-    images["plain"] = drawn.reshape(len(captions), candidates, *size)[:, :keep]
-    if generate.scorer is not None:
-        name = f"best {keep} of {candidates} by CLIP"
-        rates[name] = judged_rates(result.images, list(np.repeat(captions, keep)))
-        images[name] = result.images.reshape(len(captions), keep, *size)
-    for scale in guidance_scales:
-        guided = generate(captions, keep, seed + 1, temperature=temperature, guidance=scale)
-        name = f"guidance {scale:g}"
-        rates[name] = judged_rates(guided, list(np.repeat(captions, keep)))
-        images[name] = guided.reshape(len(captions), keep, *size)
+    draws = [("plain", {})] + [(f"guidance {scale:g}", {"guidance": scale})
+                               for scale in guidance_scales]
+    for index, (name, controls) in enumerate(draws):
+        drawn = generate(captions, candidates, seed + index, temperature=temperature,
+                         **controls)
+        size = drawn.shape[1:]
+        rates[name] = judged_rates(drawn, list(np.repeat(captions, candidates)))
+        images[name] = drawn.reshape(len(captions), candidates, *size)[:, :keep]
+        if generate.scorer is not None:
+            best = rerank.rerank(captions, drawn, generate.scorer, keep)
+            reranked = f"{name}, best {keep} of {candidates} by CLIP"
+            rates[reranked] = judged_rates(best.images, list(np.repeat(captions, keep)))
+            images[reranked] = best.images.reshape(len(captions), keep, *size)
     return rates, images

@@ -62,32 +62,36 @@ def drop_captions(text: jax.Array, rng: jax.Array, probability: float) -> jax.Ar
 class DalleTask:
     name = "dalle"
 
-    def __init__(self, config):
+    def __init__(self, config, dvae_model_config=None):
+        """`dvae_model_config` stands in for a trained dVAE's when only shapes matter (planning
+        a pod's memory before any dVAE exists); training loads the one in `task.dvae_workdir`."""
         from dalle_jax.training import restore
 
         self.config = config
         task = config.task
         self.model_config = dalle_model.dalle_config(config.model, config.text,
                                                      config.train.compute_dtype)
-        if not task.dvae_workdir:
-            raise ValueError("config.task.dvae_workdir is empty: the transformer needs a "
-                             "trained dVAE's workdir to turn images into tokens")
-        dvae_config = restore.load_config(task.dvae_workdir)
-        if dvae_config.task.name != "dvae":
-            raise ValueError(f"config.task.dvae_workdir={task.dvae_workdir!r} holds a "
-                             f"{dvae_config.task.name!r} run, not a dVAE")
-        self._check_dvae_matches(dvae_config.model)
-        self.dvae_model_config = dvae_config.model
-        self.dvae_graphdef = nnx.graphdef(nnx.eval_shape(
-            lambda: DVAE(dvae_config.model, jnp.dtype(config.train.compute_dtype),
-                         nnx.Rngs(0))))
+        dvae_source = "the given dVAE config"
+        if dvae_model_config is None:
+            dvae_source = repr(task.dvae_workdir)
+            if not task.dvae_workdir:
+                raise ValueError("config.task.dvae_workdir is empty: the transformer needs a "
+                                 "trained dVAE's workdir to turn images into tokens")
+            dvae_config = restore.load_config(task.dvae_workdir)
+            if dvae_config.task.name != "dvae":
+                raise ValueError(f"config.task.dvae_workdir={task.dvae_workdir!r} holds a "
+                                 f"{dvae_config.task.name!r} run, not a dVAE")
+            dvae_model_config = dvae_config.model
+        self._check_dvae_matches(dvae_model_config, dvae_source)
+        self.dvae_model_config = dvae_model_config
+        self.dvae_graphdef = nnx.graphdef(self._abstract_dvae())
         for key in ("text_loss_weight", "image_loss_weight"):
             if task[key] < 0:
                 raise ValueError(f"config.task.{key}={task[key]} must be >= 0")
         if not 0 <= task.caption_dropout < 1:
             raise ValueError(f"config.task.caption_dropout={task.caption_dropout} must be in [0, 1)")
 
-    def _check_dvae_matches(self, dvae):
+    def _check_dvae_matches(self, dvae, source: str):
         cfg, data = self.config, self.config.data
         grid = dvae.image_size // 2 ** (dvae.num_groups - 1)
         for what, ours, theirs in (
@@ -96,7 +100,7 @@ class DalleTask:
                 ("config.data.image_size", data.image_size, dvae.image_size)):
             if ours != theirs:
                 raise ValueError(f"{what}={ours} does not match the dVAE in "
-                                 f"{cfg.task.dvae_workdir!r} ({theirs})")
+                                 f"{source} ({theirs})")
 
     # --- the Task interface -------------------------------------------------------------
 
@@ -113,6 +117,15 @@ class DalleTask:
 
         model, _ = restore.load_model(self.config.task.dvae_workdir)
         return nnx.state(model)
+
+    def abstract_frozen_state(self) -> nnx.State:
+        """`frozen_state()`'s shapes and dtypes, without a trained dVAE."""
+        return nnx.state(self._abstract_dvae())
+
+    def _abstract_dvae(self) -> DVAE:
+        return nnx.eval_shape(lambda: DVAE(self.dvae_model_config,
+                                           jnp.dtype(self.config.train.compute_dtype),
+                                           nnx.Rngs(0)))
 
     def image_tokens(self, batch) -> jax.Array:
         dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])

@@ -5,9 +5,12 @@ Every process writes its own shards (Orbax) and its own iterator file (Grain's h
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
@@ -17,22 +20,64 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler (one JSON file of iterator state per process), restorable on another
+    process count.
+
+    A training stream stands at the same position in every process (see
+    `data.pipeline.make_loader`), so when this process has no file of its own, e.g. a run
+    written by 2 hosts continued on 1, the saved files must all agree and any of them serves.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item, args=args)
+        item = item or args.item
+        states = {path.read_text() for path in directory.glob("process_*-of-*.json")}
+        if len(states) != 1:
+            raise ValueError(f"{directory}: the data iterator states of the saving processes "
+                             "differ, so they cannot be restored on another process count")
+        item.set_state(states.pop().encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 def manager(workdir: str, *, keep: int = 3, every: int = 1, read_only: bool = False
             ) -> ocp.CheckpointManager:
+    """Saves every `every` steps (and, as Orbax does, the first step a run saves at, which
+    shows early that the workdir is writable); with `every` = 0 only forced saves (the end of
+    training, preemption)."""
+    policies = ocp.checkpoint_managers
+    save_policy = None if every > 0 else policies.AnySavePolicy(
+        [policies.PreemptionCheckpointingPolicy()])
     return ocp.CheckpointManager(
         checkpoint_dir(workdir),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler()},
+                       DATA: DataCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, read_only=read_only,
-            create=not read_only, enable_async_checkpointing=True))
+            max_to_keep=keep, save_interval_steps=max(every, 1),
+            save_decision_policy=save_policy, read_only=read_only, create=not read_only,
+            enable_async_checkpointing=True))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, batches, *, force: bool = False) -> bool:
     """Starts an asynchronous save (when `step` is due, or `force`); True if one started."""
     return mgr.save(step, force=force, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
-        DATA: grain.checkpoint.CheckpointSave(batches)}))
+        DATA: DataSave(batches)}))
 
 
 def restore(mgr: ocp.CheckpointManager, abstract_state, batches, step: int | None = None):
@@ -41,7 +86,7 @@ def restore(mgr: ocp.CheckpointManager, abstract_state, batches, step: int | Non
     step = mgr.latest_step() if step is None else step
     restored = mgr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
-        DATA: grain.checkpoint.CheckpointRestore(batches)}))
+        DATA: DataRestore(batches)}))
     return restored[STATE]
 
 

@@ -1,6 +1,7 @@
 """The one training loop: every model (dVAE, transformer, CLIP) trains here through a Task."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -47,6 +48,36 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepProfiler:
+    """Traces `count` train steps into <workdir>/profile (TensorBoard's profile tab or Perfetto
+    read it), starting a few steps into the run so that compilation and warm-up stay out."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, count: int, first_step: int, workdir: str):
+        self.start = first_step + self.WARMUP_STEPS + 1
+        self.stop = self.start + count - 1 if count > 0 else None
+        self.directory = os.path.join(workdir, "profile")
+        self.active = False
+
+    def step_starts(self, step: int) -> None:
+        if self.stop is not None and step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def step_dispatched(self, step: int, state) -> None:
+        if self.active and step >= self.stop:
+            jax.block_until_ready(state)  # The trace ends when the traced steps have run.
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.warning("profiler trace of steps %d-%d in %s", self.start, self.stop,
+                            self.directory)
+
+
 def flops_per_step(compiled) -> float:
     """FLOPs of one compiled step (per device), from XLA's cost analysis; 0 if unknown."""
     try:
@@ -56,6 +87,18 @@ def flops_per_step(compiled) -> float:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))
+
+
+def compile_train_step(train_step, state, batch, frozen, state_shardings, mesh, rules):
+    """The train step lowered and compiled for these arguments, concrete or abstract
+    (ShapeDtypeStructs with shardings: `dalle_jax.plan` compiles a pod's step that way):
+    explicit in/out shardings, the state donated."""
+    batch_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding, (batch, frozen))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return jitted.lower(state, batch, frozen).compile()
 
 
 def _sum_trees(a, b):
@@ -75,7 +118,6 @@ class Trainer:
             self.task, self.tx, self.mesh, self.rules, seed=config.seed,
             ema=config.optimizer.ema_decay > 0)
         self.shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
         self.frozen = self._place_frozen()
         self._train_step = step_lib.make_train_step(self.task, self.tx, self.schedule,
                                                     self.graphdef, config)
@@ -105,13 +147,8 @@ class Trainer:
         return call
 
     def compile_train_step(self, state, batch):
-        batch_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding,
-                                                         (batch, self.frozen))
-        jitted = jax.jit(self._train_step,
-                         in_shardings=(self.shardings, batch_shardings, frozen_shardings),
-                         out_shardings=(self.shardings, self.replicated), donate_argnums=0)
-        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            self.compiled_train_step = jitted.lower(state, batch, self.frozen).compile()
+        self.compiled_train_step = compile_train_step(
+            self._train_step, state, batch, self.frozen, self.shardings, self.mesh, self.rules)
         self.flops_per_step = self._step_flops()
 
     def _step_flops(self) -> float:
@@ -197,6 +234,7 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
     first_step = int(state.step)
     writer = metrics_lib.MetricWriter(workdir)
     preemption = Preemption()
+    profiler = StepProfiler(config.profile_steps, first_step, workdir)
     image_batch = None
     # A few updates a minute: logs of batch jobs stay readable.
     progress = tqdm(total=tcfg.steps, initial=first_step, disable=jax.process_index() != 0,
@@ -209,7 +247,9 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
             if trainer.compiled_train_step is None:
                 trainer.compile_train_step(state, batch)
                 interval_start = time.perf_counter()  # Compilation is not step time.
+            profiler.step_starts(step)
             state, step_metrics = trainer.train_step(state, batch)
+            profiler.step_dispatched(step, state)
             interval_steps += 1
             progress.update(1)
             # Checked one step late, so the host never waits for the step it just dispatched.
@@ -239,6 +279,7 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
                 break
         check_nonfinite(*pending_check, tcfg.max_nonfinite_in_row, workdir)
     finally:
+        profiler.close()
         progress.close()
         preemption.close()
         mgr.wait_until_finished()

@@ -1,0 +1,115 @@
+"""Training as a pod runs it: several processes over one mesh, checked against one process.
+
+Two local processes with 4 CPU devices each (jax.distributed over loopback, gloo collectives)
+run `train.py` on the tiny transformer with the batch and the FSDP axis spanning both; each
+reads only its half of every global batch. The reference is one process with 8 devices.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_dalle_config
+from dalle_jax.training import checkpoint, loop
+from test_multiprocess import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG_FILE = '''"""The test's config, as the pytest process wrote it to {json_path}."""
+import json
+
+import ml_collections
+
+
+def get_config():
+    with open({json_path!r}) as f:
+        return ml_collections.ConfigDict(json.load(f))
+'''
+
+
+@pytest.fixture(scope="module")
+def config(mini_config, pipeline_run):
+    config = tiny_dalle_config(mini_config, pipeline_run)
+    # Constant rate after the warm-up: a run stopped early (train.steps=4) and one that goes
+    # on to step 6 follow the same schedule, so one can continue where the other stopped.
+    config.optimizer.update(dict(schedule="constant", warmup_steps=2))
+    config.train.update(dict(steps=6, log_every=1, eval_every=0, images_every=0,
+                             checkpoint_every=0))
+    config.mesh.update(dict(shape=(1, 8, 1), num_devices=0))
+    return config
+
+
+@pytest.fixture(scope="module")
+def one_process(config, tmp_path_factory):
+    """The reference: every step's loss and the final state of one process with 8 devices."""
+    workdir = str(tmp_path_factory.mktemp("one_process"))
+    state = loop.train(config, workdir)
+    return losses(workdir), jax.device_get(state)
+
+
+def losses(workdir: str) -> dict[int, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def run_two_processes(config, workdir: str, tmp_path):
+    json_path = str(tmp_path / "config.json")
+    with open(json_path, "w") as f:
+        f.write(config.to_json_best_effort())
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG_FILE.format(json_path=json_path))
+    port = free_port()
+    # What a pod's worker would get: its own devices only (4 here), the others over the network.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=ROOT)
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_path}",
+         f"--workdir={workdir}", "--config.distributed.enabled=True",
+         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+         "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+         "--config.distributed.cpu_collectives=gloo"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+
+
+def assert_trees_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_mesh(
+        config, one_process, tmp_path):
+    reference_losses, reference_state = one_process
+    workdir = str(tmp_path / "two_processes")
+    two = config.copy_and_resolve_references()
+    two.train.steps = 4  # Stops with a checkpoint at step 4.
+    run_two_processes(two, workdir, tmp_path)
+
+    two_losses = losses(workdir)
+    assert sorted(two_losses) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two_losses[s] for s in range(1, 5)],
+                               [reference_losses[s] for s in range(1, 5)], rtol=1e-5)
+    steps = [int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit()]
+    assert steps == [4]
+    data_files = os.listdir(os.path.join(checkpoint.checkpoint_dir(workdir), "4", "data"))
+    assert sorted(f for f in data_files if f.endswith(".json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+
+    # One process, another mesh (data 2 × FSDP 2 × tensor 2): Orbax reshards the state and
+    # the data stream continues at global batch 5.
+    one = config.copy_and_resolve_references()
+    one.mesh.shape = (2, 2, 2)
+    continued = loop.train(one, workdir)
+    assert int(continued.step) == 6
+    continued_losses = losses(workdir)
+    np.testing.assert_allclose([continued_losses[s] for s in (5, 6)],
+                               [reference_losses[s] for s in (5, 6)], rtol=1e-5)
+    assert_trees_close(jax.device_get(continued.params), reference_state.params)
+    assert_trees_close(jax.device_get(continued.opt_state), reference_state.opt_state)

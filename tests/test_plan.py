@@ -1,0 +1,86 @@
+"""The ahead-of-time plan (`python -m dalle_jax.plan`) against a real run's compiled step."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import tiny_dalle_config
+from dalle_jax import config_lib, plan as plan_lib
+from dalle_jax.training import loop, restore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def device0_bytes(tree) -> int:
+    """Bytes the first device really holds of a tree of (concrete, sharded) arrays."""
+    device = jax.devices()[0]
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+               for shard in leaf.addressable_shards if shard.device == device)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 4, 2)])
+def test_plan_equals_the_figures_of_a_real_runs_compiled_step(mini_config, pipeline_run,
+                                                               tmp_path, mesh_shape):
+    config = tiny_dalle_config(mini_config, pipeline_run)
+    config.mesh.update(dict(shape=mesh_shape, num_devices=0))
+    dvae_config = restore.load_config(config.task.dvae_workdir)
+    plan, _ = plan_lib.make_plan(config, dvae_config)
+
+    # The reference: the loop's own trainer, with real sharded arrays and a real batch.
+    trainer = loop.Trainer(config, str(tmp_path))
+    state = trainer._init()
+    with trainer.batches("train", training=True) as batches:
+        trainer.compile_train_step(state, next(batches))
+    real = trainer.compiled_train_step.memory_analysis()
+
+    assert plan.mesh == dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    assert plan.argument_bytes == real.argument_size_in_bytes
+    assert plan.output_bytes == real.output_size_in_bytes
+    assert plan.alias_bytes == real.alias_size_in_bytes
+    assert plan.temp_bytes == real.temp_size_in_bytes
+    assert plan.param_bytes == device0_bytes(state.params)
+    assert plan.ema_bytes == device0_bytes(state.ema)
+    assert plan.optimizer_bytes == device0_bytes(state.opt_state)
+    # Sharded: a device holds less than the whole model (Adam's two moments: about twice).
+    whole = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert plan.param_bytes < whole
+    assert plan.xla_flops_per_device == loop.flops_per_step(trainer.compiled_train_step)
+    assert plan.model_flops_per_step == trainer.flops_per_step > 0
+
+
+def test_plan_tokens_per_second_follow_from_flops_and_chip():
+    plan = plan_lib.Plan(
+        config_name="x", mesh={"data": 4, "fsdp": 2, "tensor": 1}, global_batch=16,
+        tokens_per_example=100, param_bytes=0, ema_bytes=0, optimizer_bytes=0,
+        argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0,
+        peak_bytes=20 * plan_lib.GiB, xla_flops_per_device=0.0, model_flops_per_step=8e15)
+    # 8 chips × 197 TFLOP/s × 0.5 = 788 TFLOP/s -> 8e15 FLOPs take 10.15 s for 1600 tokens.
+    assert plan.tokens_per_second("tpu_v5e", 0.5) == pytest.approx(1600 / (8e15 / 788e12))
+    assert not plan.fits("tpu_v5e") and plan.fits("tpu_v4")
+
+
+def test_plan_command_on_sixteen_simulated_devices(tmp_path):
+    out = tmp_path / "plan.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "dalle_jax.plan", "--config", "configs/dalle_mini.py",
+         "--dvae_config", "configs/dvae_mini.py", "--devices", "16",
+         "--config.mesh.shape=(2,4,2)", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on mesh {'data': 2, 'fsdp': 4, 'tensor': 2} (16 devices)" in result.stdout
+    assert "tpu_v5e" in result.stdout and "peak" in result.stdout
+    plan = json.loads(out.read_text())
+    config = config_lib.load("dalle_mini")
+    assert plan["global_batch"] == config.data.batch_size
+    assert plan["tokens_per_example"] == config.text.length + config.model.grid_size ** 2
+    assert 0 < plan["param_bytes"] < plan["peak_bytes"]
+
+
+def test_plan_of_a_transformer_names_a_mismatched_dvae():
+    config = config_lib.load("dalle_mini")
+    with pytest.raises(ValueError, match="config.model.grid_size=8 does not match the dVAE"):
+        plan_lib.make_plan(config, config_lib.load("dvae"))
