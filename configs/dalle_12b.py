@@ -1,8 +1,10 @@
 """The paper's 12B transformer: 64 layers, 62 heads × 64 (d_model 3968), 256 caption tokens of a
 16384-piece BPE (10% BPE dropout) + 32×32 image tokens of 8192 codes, batch 1024.
 
-Sharded for a pod: FSDP over 16 devices per group, data parallel across groups, every layer
-rematerialised. Point it at real data, e.g. --config.data.name=coco_captions
+Sharded for a pod: FSDP over groups of 128 devices (d_model 3968 = 128·31, so 128 is the widest
+FSDP split of the parameters), data parallel across groups, every layer rematerialised. On a
+256-chip slice that is mesh (2, 128, 1): 12.4 GiB per chip at the peak of the train step by
+`python -m dalle_jax.plan --config configs/dalle_12b.py --devices 256` (BENCHMARKS.md). Point it at real data, e.g. --config.data.name=coco_captions
 --config.data.caption_key=captions/text, or --config.data.name=caption_folder
 --config.data.folder=/path/to/images, and at the paper-sized dVAE's workdir.
 
@@ -36,6 +38,6 @@ def get_config():
     config.train.compute_dtype = "bfloat16"
     config.train.steps = 430_000
     config.train.images_every = 0  # the logged samples decode without a cache: too slow here
-    # FSDP over every device of a host group, data parallel across them.
-    config.mesh.shape = (-1, 16, 1)
+    # FSDP over groups of 128 devices, data parallel across the groups (see the docstring).
+    config.mesh.shape = (-1, 128, 1)
     return config

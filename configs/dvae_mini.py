@@ -1,7 +1,8 @@
 """The CPU-sized dVAE: 32 px synthetic_shapes -> 8×8 tokens of a 512-code book.
 
-Sized so that training on a 2-core CPU (about 0.13 s a step uncontended, 6000 steps ≈ 13 min)
-reconstructs objects' colours and cells, and most of their shapes:
+Sized so that training on a 2-core CPU reconstructs objects' colours and cells, and most of
+their shapes (6000 steps: 10.1 min in the loop at 0.093 s a step on 2026-12-02, with nothing
+else running; the same machine type measured 0.13 s a step in the benchmark on 2026-11-22):
 
 python train.py --config configs/dvae_mini.py --workdir workdirs/dvae_mini
 

@@ -1,7 +1,7 @@
 """Plans a training run ahead of time: memory per device and speed, for a mesh of any size.
 
     python -m dalle_jax.plan --config configs/dalle_12b.py --devices 256 \
-        --config.mesh.shape='(16,16,1)' --mfu 0.4
+        --config.mesh.shape='(2,128,1)' --mfu 0.4
 
 The train step is lowered and compiled for `--devices` simulated CPU devices from abstract
 arrays (shapes and shardings only: nothing is allocated, so a 12B model plans on a laptop).

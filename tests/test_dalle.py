@@ -13,6 +13,7 @@ from dalle_jax import config_lib
 from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import dalle
 from dalle_jax.sharding import logical
+from dalle_jax.sharding import mesh as mesh_lib
 from dalle_jax.sharding.mesh import build_mesh
 from dalle_jax.tasks import dalle as dalle_task
 
@@ -234,9 +235,9 @@ def test_12b_config_has_12_billion_parameters():
 
 
 def partition_specs_under_pod_mesh() -> dict[str, str]:
-    """Every parameter's PartitionSpec for the 12B config on a 256-chip pod mesh (16 × 16)."""
+    """Every parameter's PartitionSpec for the 12B config on its 256-chip pod mesh."""
     config, params = full_size_abstract_params()
-    shape = tuple(256 // 16 if s == -1 else s for s in config.mesh.shape)
+    shape = mesh_lib.resolve_mesh_shape(tuple(config.mesh.shape), tuple(config.mesh.axes), 256)
     mesh = jax.sharding.AbstractMesh(shape, tuple(config.mesh.axes))
     rules = logical.normalize_rules(config.sharding.rules)
     with nnx.logical_axis_rules(rules):
