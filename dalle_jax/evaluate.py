@@ -65,11 +65,12 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['workdir']}", ""]
     for split, result in report["splits"].items():
         lines += [f"## `{split}`: {result['captions']} captions", "",
-                  "| setting | images | " + " | ".join(ATTRIBUTES) + " |",
-                  "|---|---|" + "---|" * len(ATTRIBUTES)]
+                  "| setting | images | " + " | ".join(ATTRIBUTES) + " | any draw matches |",
+                  "|---|---|" + "---|" * (len(ATTRIBUTES) + 1)]
         for name, rates in result["rates"].items():
             lines.append(f"| {name} | {rates['images']} | "
-                         + " | ".join(percent(rates[a]) for a in ATTRIBUTES) + " |")
+                         + " | ".join(percent(rates[a]) for a in ATTRIBUTES)
+                         + f" | {percent(rates.get('any_match'))} |")
         lines += ["", "Grids: " + ", ".join(f"[{n}]({f})" for n, f in result["grids"].items()),
                   ""]
     dvae, clip = report.get("dvae"), report.get("clip")

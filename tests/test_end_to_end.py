@@ -106,6 +106,29 @@ def test_judged_rates_on_true_and_shifted_captions(mini_config):
     assert judged_rates(examples.images / 255.0, shifted)["match"] == pytest.approx(expected)
 
 
+def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
+    from dalle_jax.evaluation.captions import evaluate_captions
+    from dalle_jax.evaluation.examples import load_examples
+
+    examples = load_examples(mini_config(), limit=4)
+    truth = examples.images
+
+    class OneTrueDrawForTwoCaptions:
+        """Blank draws, except the true image as draw 1 of caption 0 and draw 0 of caption 2."""
+        scorer = None
+
+        def __call__(self, captions, n, seed, **controls):
+            out = np.zeros((len(captions), n) + truth.shape[1:], np.uint8)
+            out[0, 1], out[2, 0] = truth[0], truth[2]
+            return out.reshape(-1, *truth.shape[1:])
+
+    rates, _ = evaluate_captions(OneTrueDrawForTwoCaptions(), examples.captions, candidates=3,
+                                 keep=1, guidance_scales=(2.0,))
+    for setting in ("plain", "guidance 2"):
+        assert rates[setting]["any_match"] == 0.5
+        assert rates[setting]["match"] == pytest.approx(2 / 12)
+
+
 def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     from dalle_jax import evaluate
 
@@ -126,7 +149,7 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     assert 0.0 <= report["clip"]["text_to_image_recall_at_1"] <= 1.0
     with open(os.path.join(pipeline_run, "evaluation", "report.md")) as f:
         text = f.read()
-    assert "## `heldout`: 3 captions" in text and "PSNR" in text
+    assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
     assert "report and grids in" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--keep=3"):
         evaluate.main(["--workdir", pipeline_run, "--candidates", "2", "--keep", "3"])

@@ -21,8 +21,15 @@ ATTRIBUTES = ("match", "colour", "shape", "position", "relation", "count")
 def judged_rates(images: np.ndarray, captions: list[str]) -> dict[str, float | int]:
     """Share of images for which each attribute holds, over the images where it applies;
     `images` float in [0, 1] or uint8, one caption per image."""
-    verdicts = [judge.judge(image, caption) for image, caption in zip(to_pixels_if_float(images),
-                                                                       captions)]
+    return rates_of(verdicts_of(images, captions))
+
+
+def verdicts_of(images: np.ndarray, captions: list[str]) -> list[dict]:
+    return [judge.judge(image, caption)
+            for image, caption in zip(to_pixels_if_float(images), captions)]
+
+
+def rates_of(verdicts: list[dict]) -> dict[str, float | int]:
     rates: dict[str, float | int] = {"images": len(verdicts)}
     for attribute in ATTRIBUTES:
         applicable = [v[attribute] for v in verdicts if v[attribute] is not None]
@@ -44,7 +51,8 @@ def distinct_captions(captions, limit: int) -> list[str]:
 def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: int,
                       guidance_scales=(), seed: int = 0, temperature: float = 1.0):
     """{setting name: rates} and {setting name: images (len(captions), k, S, S, 3)} for plain
-    sampling and each guidance scale (over all `candidates` drawn per caption), and for the
+    sampling and each guidance scale (over all `candidates` drawn per caption, with
+    `any_match`: the share of captions with at least one matching candidate), and for the
     best `keep` of those candidates by CLIP (when the generator has a scorer)."""
     rates, images = {}, {}
     draws = [("plain", {})] + [(f"guidance {scale:g}", {"guidance": scale})
@@ -53,7 +61,11 @@ def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: i
         drawn = generate(captions, candidates, seed + index, temperature=temperature,
                          **controls)
         size = drawn.shape[1:]
-        rates[name] = judged_rates(drawn, list(np.repeat(captions, candidates)))
+        verdicts = verdicts_of(drawn, list(np.repeat(captions, candidates)))
+        rates[name] = rates_of(verdicts)
+        # What a perfect reranker could reach: captions with a matching image among the draws.
+        matches = np.array([v["match"] for v in verdicts]).reshape(len(captions), candidates)
+        rates[name]["any_match"] = float(matches.any(axis=1).mean())
         images[name] = drawn.reshape(len(captions), candidates, *size)[:, :keep]
         if generate.scorer is not None:
             best = rerank.rerank(captions, drawn, generate.scorer, keep)
