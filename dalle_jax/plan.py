@@ -21,8 +21,15 @@ import json
 import math
 import os
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from dalle_jax import config_lib, tasks
+from dalle_jax.sharding import logical, mesh as mesh_lib
+from dalle_jax.tasks.dalle import DalleTask
+from dalle_jax.training import loop, optimizer, state as state_lib, step as step_lib
 
 GiB = 2**30
 
@@ -73,8 +80,6 @@ class Plan:
 
 def per_device_bytes(tree) -> int:
     """Bytes one device holds of a tree of arrays or ShapeDtypeStructs (its largest shard)."""
-    import jax
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape)
@@ -84,11 +89,6 @@ def per_device_bytes(tree) -> int:
 
 def abstract_batch(config, mesh, rules) -> dict:
     """ShapeDtypeStructs of one global batch, sharded over the batch axes as the loop's are."""
-    import jax
-    import numpy as np
-
-    from dalle_jax.sharding import logical
-
     size, side = config.data.batch_size, config.data.image_size
     shapes = {"image": ((size, side, side, 3), np.uint8),
               "text": ((size, config.text.length), np.int32),
@@ -99,9 +99,6 @@ def abstract_batch(config, mesh, rules) -> dict:
 
 
 def make_task(config, dvae_config):
-    from dalle_jax import tasks
-    from dalle_jax.tasks.dalle import DalleTask
-
     if config.task.name == "dalle":
         return DalleTask(config, dvae_model_config=dvae_config.model)
     return tasks.get_task(config)
@@ -109,26 +106,15 @@ def make_task(config, dvae_config):
 
 def abstract_frozen(task, mesh, rules):
     """The task's frozen inputs as sharded ShapeDtypeStructs (None for tasks without any)."""
-    import jax
-
-    from dalle_jax.sharding import logical
-
     if not hasattr(task, "abstract_frozen_state"):
         return None
     frozen = task.abstract_frozen_state()
     shardings = logical.state_shardings(frozen, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        frozen, shardings)
+    return state_lib.abstract_arrays(frozen, shardings)
 
 
 def make_plan(config, dvae_config=None, devices=None, config_name: str = ""):
     """(Plan, compiled step) of `config`'s train step on `devices` (default: all)."""
-    import jax
-
-    from dalle_jax import config_lib
-    from dalle_jax.sharding import logical, mesh as mesh_lib
-    from dalle_jax.training import loop, optimizer, state as state_lib, step as step_lib
-
     config_lib.validate(config)
     mesh = mesh_lib.build_mesh(config.mesh, devices)
     rules = logical.normalize_rules(config.sharding.rules)
@@ -200,19 +186,23 @@ def format_plan(plan: Plan, mfu: float) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The training config to plan.", lock_config=True)
-config_flags.DEFINE_config_file(
-    "dvae_config", None, "For a transformer: the dVAE config whose shapes stand in for the trained "
-    "dVAE (default: configs/dvae.py, the paper's).", lock_config=True)
-flags.DEFINE_integer("devices", 8, "Simulated devices: the mesh's size.")
-flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the tokens/s estimates.")
-flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (importing the module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "The training config to plan.",
+                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "dvae_config", None, "For a transformer: the dVAE config whose shapes stand in for the "
+        "trained dVAE (default: configs/dvae.py, the paper's).", lock_config=True)
+    flags.DEFINE_integer("devices", 8, "Simulated devices: the mesh's size.")
+    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the tokens/s estimates.")
+    flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     del argv
-    import jax
-
     # Before anything asks for a device: this many fake CPU devices stand in for the chips.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
@@ -225,5 +215,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    define_flags()
     app.run(main)
