@@ -5,7 +5,8 @@
 For the distinct captions of the `validation` split and of `heldout` (colour-shape pairs the
 models never saw), images are drawn and judged from pixels (`evaluation/captions.py`): plain
 sampling and classifier-free guidance at a few scales, each also reranked (best of N by
-CLIP). Beside them: the dVAE's reconstruction PSNR and objects kept, CLIP's recall and zero-shot accuracy.
+CLIP). Beside them: the dVAE's reconstruction PSNR and objects kept, CLIP's recall and
+zero-shot accuracy.
 Writes `evaluation/report.md`, `report.json` and one image grid per split and setting
 (rows: captions, columns: images) into the workdir, and prints the report.
 """

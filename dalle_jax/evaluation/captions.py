@@ -3,9 +3,10 @@
 For each caption and setting (plain sampling, classifier-free guidance at each scale),
 `candidates` images are drawn; the setting's figures are over all of them, and its reranked
 figures over the `keep` that CLIP scores highest among them (best of N from the very same
-draws, so the two differ only by the choice). Every image is read by `evaluation.judge`: `match` (everything the
-caption says, nothing extra) and per attribute: colour, shape, position (captions that state
-a cell), relation (captions that state one), count (no object missing or extra).
+draws, so the two differ only by the choice). Every image is read by `evaluation.judge`:
+`match` (everything the caption says, nothing extra) and per attribute: colour, shape,
+position (captions that state a cell), relation (captions that state one), count (no object
+missing or extra).
 """
 from __future__ import annotations
 
