@@ -46,10 +46,14 @@ class Settings:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def image_keys(seed: int, indices) -> jax.Array:
-    """One key per image, from (seed, index) alone."""
-    base = jax.random.key(seed)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(indices, jnp.uint32))
+def image_keys(seeds, indices) -> jax.Array:
+    """One key per image, fold_in(key(seed), index), from its own (seed, index) alone; `seeds`
+    is one seed for every image or one per image."""
+    indices = np.asarray(indices)
+    seeds = np.broadcast_to(np.asarray(seeds), indices.shape).tolist()
+    bases = {seed: jax.random.key(seed) for seed in set(seeds)}
+    return jax.vmap(jax.random.fold_in)(jnp.stack([bases[seed] for seed in seeds]),
+                                        jnp.asarray(indices, jnp.uint32))
 
 
 class Generator:
@@ -167,26 +171,37 @@ class Generator:
             raise ValueError(f"keep={keep} tokens must be in [0, {image_length}]")
         text = np.repeat(self.encode_prompts(list(prompts)), n, axis=0)
         indices = np.tile(np.arange(n), len(prompts))
-        given = np.zeros((image_length,), np.int32) if given is None else np.asarray(given)
-        guided = settings.guidance != 1.0
         out = []
         for start in range(0, len(text), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            count = len(text[rows])
-            pad = self.batch_size - count
-            controls = {
-                "temperature": jnp.float32(settings.temperature),
-                "top_k": jnp.int32(settings.top_k), "top_p": jnp.float32(settings.top_p),
-                "guidance": jnp.float32(settings.guidance),
-                "given": jnp.asarray(np.tile(given, (self.batch_size, 1)), jnp.int32),
-                "keep": jnp.full((self.batch_size,), keep, jnp.int32)}
-            batch_text = np.concatenate([text[rows], np.repeat(text[:1], pad, axis=0)])
-            keys = image_keys(seed, np.concatenate([indices[rows], np.zeros(pad, int)]))
-            tokens = self._run(jnp.asarray(batch_text), keys, controls, guided)
-            out.append(np.asarray(tokens)[:count])
+            out.append(self.draw_batch(text[rows], seed, indices[rows], settings, given, keep))
             if progress is not None:
-                progress(count)
+                progress(len(out[-1]))
         return np.concatenate(out)
+
+    def draw_batch(self, text: np.ndarray, seeds, indices, settings: Settings = Settings(),
+                   given: np.ndarray | None = None, keep: int = 0) -> np.ndarray:
+        """int32 (R, N) image tokens for up to `batch_size` rows, each its own (caption ids,
+        seed, index): rows of different requests can share one compiled call (the server's
+        batching). The batch is padded to `batch_size`, so every call runs the same program."""
+        count = len(text)
+        if not 1 <= count <= self.batch_size:
+            raise ValueError(f"{count} rows: a batch holds 1 to {self.batch_size}")
+        image_length = self.model.cfg.image_length
+        given = np.zeros((image_length,), np.int32) if given is None else np.asarray(given)
+        pad = self.batch_size - count
+        seeds = np.broadcast_to(np.asarray(seeds), (count,))
+        controls = {
+            "temperature": jnp.float32(settings.temperature),
+            "top_k": jnp.int32(settings.top_k), "top_p": jnp.float32(settings.top_p),
+            "guidance": jnp.float32(settings.guidance),
+            "given": jnp.asarray(np.tile(given, (self.batch_size, 1)), jnp.int32),
+            "keep": jnp.full((self.batch_size,), keep, jnp.int32)}
+        batch_text = np.concatenate([text, np.repeat(text[:1], pad, axis=0)])
+        keys = image_keys(np.concatenate([seeds, np.zeros(pad, int)]),
+                          np.concatenate([np.asarray(indices), np.zeros(pad, int)]))
+        tokens = self._run(jnp.asarray(batch_text), keys, controls, settings.guidance != 1.0)
+        return np.asarray(tokens)[:count]
 
     def __call__(self, prompts, n: int = 4, seed: int = 0, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0,
