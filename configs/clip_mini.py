@@ -21,6 +21,14 @@ def get_config():
     config.data.image_size = 32
     config.data.batch_size = 64
     config.data.augment.flip = False
+    # Hard negative captions (text/contrast.py): one colour, shape or place word changed or
+    # two swapped. The held-out colour-shape pairs (synthetic_shapes.HELDOUT_PAIRS) never
+    # appear in them: those pairs must stay unseen, as text too.
+    config.data.contrast_words = (
+        ("red", "green", "blue", "yellow", "magenta", "cyan"), ("circle", "square", "triangle"),
+        ("above", "below"), ("left", "right"), ("top", "bottom"))
+    config.data.contrast_excluded = ("yellow triangle", "blue circle", "cyan square",
+                                     "magenta circle")
     config.text.length = 24
     config.text.vocab_size = 128
 

@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 32  # global, over all hosts
     c.data.augment = ml_collections.ConfigDict(
         dict(square="center", min_scale=1.0, max_scale=1.125, flip=False))
+    # Groups of interchangeable caption words (colours, shapes, ...): when set, every example
+    # also gets a caption made false by one edit (text/contrast.py), CLIP's hard negative.
+    c.data.contrast_words = ()
+    c.data.contrast_excluded = ()  # phrases no hard negative may contain
     c.data.workers = 0  # Grain worker processes per host (0 = in the main process)
     c.data.read_threads = 8
     c.data.prefetch = 2  # global batches assembled ahead of the step
@@ -191,6 +195,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"config.data.augment min_scale={aug.min_scale} / max_scale={aug.max_scale} must "
            "satisfy 0 < min_scale <= max_scale")
     _check(data.workers >= 0, f"config.data.workers={data.workers} must be >= 0")
+    for group in data.contrast_words:
+        _check(not isinstance(group, str) and len(set(group)) >= 2,
+               f"config.data.contrast_words group {group!r} must hold at least two words")
     _check(data.read_threads > 0, f"config.data.read_threads={data.read_threads} must be positive")
     _check(text.length >= 2, f"config.text.length={text.length} cannot hold begin and end tokens")
     _check(text.vocab_size >= 8, f"config.text.vocab_size={text.vocab_size} must be at least 8")

@@ -21,11 +21,14 @@ from absl import flags
 
 from dalle_jax.data import augment, sources
 from dalle_jax.sharding import logical
+from dalle_jax.text.contrast import contrast_caption
 from dalle_jax.text.tokenizer import Tokenizer
 
 
 class PrepareExample(grain.transforms.RandomMap):
-    """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}."""
+    """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}; with
+    `config.data.contrast_words`, also 'negative_text' (the caption made false by one edit)
+    and 'negative_mask' (False where the caption had no word to edit)."""
 
     def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
         self.data_config = data_config
@@ -33,6 +36,12 @@ class PrepareExample(grain.transforms.RandomMap):
         self.text_length = text_config.length
         self.bpe_dropout = text_config.bpe_dropout if training else 0.0
         self.training = training
+        self.contrast_groups = [tuple(group) for group in data_config.get("contrast_words", ())]
+        self.contrast_excluded = tuple(data_config.get("contrast_excluded", ()))
+
+    def _tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
+        return self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
+                                     seed=int(rng.integers(2**31)))
 
     def random_map(self, record, rng: np.random.Generator):
         cfg = self.data_config
@@ -44,9 +53,13 @@ class PrepareExample(grain.transforms.RandomMap):
                                     flip=aug.flip)
         else:
             image = augment.center_view(image, cfg.image_size)
-        text = self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
-                                     seed=int(rng.integers(2**31)))
-        return {"image": image, "text": text, "mask": np.bool_(True)}
+        example = {"image": image, "text": self._tokens(caption, rng), "mask": np.bool_(True)}
+        if self.contrast_groups:
+            negative = contrast_caption(caption, self.contrast_groups, rng,
+                                        self.contrast_excluded)
+            example["negative_text"] = self._tokens(negative or caption, rng)
+            example["negative_mask"] = np.bool_(negative is not None)
+        return example
 
 
 def host_batch_size(global_batch: int, process_count: int) -> int:

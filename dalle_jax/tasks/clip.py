@@ -12,6 +12,13 @@ moves 2·B·E numbers per step, negligible beside the towers. Examples whose `ma
 (padding of a short evaluation batch) are removed from both cross-entropies: as rows, and as
 columns (a padded caption is no one's negative).
 
+Hard negatives. With `config.data.contrast_words`, every example also carries its caption made
+false by one edit (a colour, shape or place word changed, or two swapped; text/contrast.py),
+and each image's softmax runs over the batch's captions and these negatives: the in-batch
+negatives rarely differ from a caption in one attribute, which is exactly the difference
+reranking has to see. `hard_negative_accuracy` (logged, and in evaluation) is the share of
+images scoring their own caption above their own negative.
+
 With `config.train.grad_accum` > 1 the loop computes the loss per micro-batch, so the
 negatives of a step are those of its micro-batch (B / grad_accum), not the whole batch.
 
@@ -59,11 +66,15 @@ def similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.A
                       gathered(text_embeddings).astype(jnp.float32))
 
 
-def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None):
+def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
+                      negative_logits: jax.Array | None = None,
+                      negative_mask: jax.Array | None = None):
     """Per-example cross-entropies (image->text, text->image) (B,), and the matching hits.
 
     logits[i, j] scores image i against caption j; the pair (i, i) is the target. Rows and
     columns of masked-out examples are left out of every softmax; their own terms are zero.
+    negative_logits[i, j] (optional) scores image i against the hard negative caption of
+    example j: every image's softmax also runs over the batch's usable negatives.
     """
     n = logits.shape[0]
     valid = _valid(mask, n)
@@ -71,6 +82,11 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None):
     diagonal = jnp.diagonal(logits)
     rows = jnp.where(valid[None, :], logits, _MASKED)  # image i over the real captions
     cols = jnp.where(valid[:, None], logits, _MASKED)  # caption j over the real images
+    if negative_logits is not None:
+        usable = valid & _valid(negative_mask, n)
+        rows = jnp.concatenate(
+            [rows, jnp.where(usable[None, :], negative_logits.astype(jnp.float32), _MASKED)],
+            axis=1)
     image_to_text = jax.nn.logsumexp(rows, axis=1) - diagonal
     text_to_image = jax.nn.logsumexp(cols, axis=0) - diagonal
     index = jnp.arange(n)
@@ -81,17 +97,38 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None):
             hits_i2t & valid, hits_t2i & valid)
 
 
-def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None):
+def hard_negative_wins(sims: jax.Array, negative_sims: jax.Array, usable: jax.Array):
+    """Per example: 1 where the image scores its own caption above its own hard negative."""
+    own = jnp.diagonal(sims) > jnp.diagonal(negative_sims)
+    return (own & usable).astype(jnp.float32)
+
+
+def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
+                     negative_embeddings=None, negative_mask=None):
     """(loss, metrics): the symmetric cross-entropy, mean over the real examples of the
-    global batch, and the share of images / captions whose partner scores highest."""
-    logits = scale * similarity(image_embeddings, text_embeddings)
-    i2t, t2i, hit_i2t, hit_t2i = contrastive_terms(logits, mask)
-    count = jnp.maximum(jnp.sum(_valid(mask, logits.shape[0]).astype(jnp.float32)), 1.0)
+    global batch, and the share of images / captions whose partner scores highest. With
+    `negative_embeddings` (the examples' hard negative captions), each image's softmax also
+    runs over them, and `hard_negative_accuracy` is the share of images scoring their own
+    caption above their own negative."""
+    sims = similarity(image_embeddings, text_embeddings)
+    negative_sims = None
+    if negative_embeddings is not None:
+        negative_sims = similarity(image_embeddings, negative_embeddings)
+    n = sims.shape[0]
+    i2t, t2i, hit_i2t, hit_t2i = contrastive_terms(
+        scale * sims, mask, None if negative_sims is None else scale * negative_sims,
+        negative_mask)
+    count = jnp.maximum(jnp.sum(_valid(mask, n).astype(jnp.float32)), 1.0)
     loss = (jnp.sum(i2t) + jnp.sum(t2i)) / (2.0 * count)
     metrics = {"image_to_text_loss": jnp.sum(i2t) / count,
                "text_to_image_loss": jnp.sum(t2i) / count,
                "image_to_text_accuracy": jnp.sum(hit_i2t) / count,
                "text_to_image_accuracy": jnp.sum(hit_t2i) / count}
+    if negative_sims is not None:
+        usable = _valid(mask, n) & _valid(negative_mask, n)
+        metrics["hard_negative_accuracy"] = (
+            jnp.sum(hard_negative_wins(sims, negative_sims, usable))
+            / jnp.maximum(jnp.sum(usable.astype(jnp.float32)), 1.0))
     return loss, metrics
 
 
@@ -150,7 +187,10 @@ class ClipTask:
     def loss(self, model, batch, rng, step):
         del rng, step
         images, texts, scale = model(batch["image"], batch["text"])
-        loss, metrics = contrastive_loss(images, texts, scale, batch.get("mask"))
+        negatives = (model.encode_text(batch["negative_text"]) if "negative_text" in batch
+                     else None)
+        loss, metrics = contrastive_loss(images, texts, scale, batch.get("mask"), negatives,
+                                         batch.get("negative_mask"))
         return loss, dict(metrics, logit_scale=scale)
 
     def eval_sums(self, model, batch):
@@ -168,6 +208,11 @@ class ClipTask:
         for k in RECALL_KS:
             sums[f"image_to_text_at_{k}"] = jnp.sum((rank_i2t < k) * real)
             sums[f"text_to_image_at_{k}"] = jnp.sum((rank_t2i < k) * real)
+        if "negative_text" in batch:
+            usable = mask.astype(bool) & batch["negative_mask"].astype(bool)
+            negative_sims = similarity(images, model.encode_text(batch["negative_text"]))
+            sums["hard_negative_count"] = jnp.sum(usable.astype(jnp.float32))
+            sums["hard_negative_wins"] = jnp.sum(hard_negative_wins(sims, negative_sims, usable))
         return sums
 
     def summarize(self, sums):
@@ -179,6 +224,9 @@ class ClipTask:
             for direction in ("image_to_text", "text_to_image"):
                 out[f"{direction}_recall_at_{k}_in_batch"] = float(
                     sums[f"{direction}_at_{k}"] / count)
+        if "hard_negative_count" in sums:
+            out["hard_negative_accuracy"] = float(
+                sums["hard_negative_wins"] / max(float(sums["hard_negative_count"]), 1.0))
         return out
 
     def evaluate_model(self, model, tokenizer) -> dict[str, float]:

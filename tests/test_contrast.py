@@ -1,0 +1,97 @@
+"""CLIP's hard negative captions: each is false of its image (judged from pixels), none holds
+a held-out pair, and the loss that uses them equals a direct computation."""
+import numpy as np
+import pytest
+
+from dalle_jax import config_lib
+from dalle_jax.data import synthetic_shapes
+from dalle_jax.evaluation import judge
+from dalle_jax.tasks import clip as clip_task
+from dalle_jax.text.contrast import contrast_caption, phrases, word_group_index
+
+
+@pytest.fixture(scope="module")
+def clip_data():
+    return config_lib.load("clip_mini").data
+
+
+def test_clip_mini_contrast_words_are_the_data_sets_vocabulary(clip_data):
+    groups = [tuple(g) for g in clip_data.contrast_words]
+    assert set(groups[0]) == set(synthetic_shapes.COLOURS)
+    assert set(groups[1]) == set(synthetic_shapes.SHAPES)
+    assert set(clip_data.contrast_excluded) == {
+        f"{colour} {shape}" for colour, shape in synthetic_shapes.HELDOUT_PAIRS}
+
+
+def test_every_negative_is_false_of_its_image_and_holds_no_heldout_pair(clip_data):
+    groups = [tuple(g) for g in clip_data.contrast_words]
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for index in range(150):
+        example = synthetic_shapes.generate_example(0, "train", index, 32)
+        image, caption = example["image"], example["caption"]
+        assert judge.matches(image, caption), caption  # the judge reads the truth
+        for _ in range(3):
+            negative = contrast_caption(caption, groups, rng, tuple(clip_data.contrast_excluded))
+            assert negative is not None and negative != caption
+            assert not judge.matches(image, negative), (caption, negative)
+            assert not any(f" {p} " in f" {negative} " for p in clip_data.contrast_excluded)
+            before, after = caption.split(), negative.split()
+            changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+            assert len(before) == len(after) and len(changed) in (1, 2)
+            kinds.add(len(changed))
+            if len(changed) == 2:  # a swap: the same words, two places exchanged
+                i, j = changed
+                assert (after[i], after[j]) == (before[j], before[i])
+    assert kinds == {1, 2}  # both kinds of edit occur
+
+
+def test_captions_without_group_words_have_no_negative_and_swaps_must_change_meaning():
+    groups = [("red", "blue"), ("circle", "square")]
+    rng = np.random.default_rng(1)
+    assert contrast_caption("hello world", groups, rng) is None
+    seen = {contrast_caption("a red circle and a red square", groups, rng) for _ in range(200)}
+    # Replacing one word, never swapping the shapes (the same two objects, reordered).
+    assert seen == {"a blue circle and a red square", "a red square and a red square",
+                    "a red circle and a blue square", "a red circle and a red circle"}
+    assert phrases("a red circle in the top left".split(),
+                   word_group_index(groups + [("top", "bottom"), ("left", "right")])) == [
+        "red circle", "top left"]
+    with pytest.raises(ValueError, match="'red' is in two groups"):
+        word_group_index([("red", "blue"), ("red", "green")])
+
+
+def test_bad_contrast_words_are_a_config_error():
+    config = config_lib.load("clip_mini")
+    config.data.contrast_words = (("red",),)
+    with pytest.raises(ValueError, match="must hold at least two words"):
+        config_lib.validate(config)
+
+
+def unit_rows(rng, n, dim):
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_loss_with_hard_negatives_matches_a_direct_computation():
+    rng = np.random.default_rng(3)
+    n, scale = 6, 9.0
+    images, texts, negatives = (unit_rows(rng, n, 8) for _ in range(3))
+    usable = np.array([True, True, False, True, True, True])  # example 2 had no negative
+    mask = np.array([True] * 5 + [False])  # example 5 is padding
+    loss, metrics = clip_task.contrastive_loss(images, texts, scale, mask, negatives, usable)
+
+    real = np.flatnonzero(mask)
+    kept_negatives = np.flatnonzero(mask & usable)
+    i2t, t2i = [], []
+    for i in real:
+        row = np.concatenate([scale * texts[real] @ images[i],
+                              scale * negatives[kept_negatives] @ images[i]])
+        i2t.append(np.log(np.sum(np.exp(row))) - scale * texts[i] @ images[i])
+        column = scale * images[real] @ texts[i]  # text->image: no negatives
+        t2i.append(np.log(np.sum(np.exp(column))) - scale * texts[i] @ images[i])
+    assert float(loss) == pytest.approx(0.5 * (np.mean(i2t) + np.mean(t2i)), rel=1e-5)
+    wins = [texts[i] @ images[i] > negatives[i] @ images[i] for i in kept_negatives]
+    assert float(metrics["hard_negative_accuracy"]) == pytest.approx(np.mean(wins))
+    plain, _ = clip_task.contrastive_loss(images, texts, scale, mask)
+    assert float(loss) > float(plain)  # the negatives are extra terms of each image's softmax
