@@ -5,6 +5,7 @@ alone (`Generator.__call__` / `best_of`), enlarged by repeating pixels.
 """
 import base64
 import contextlib
+import copy
 import io
 import json
 import os
@@ -213,6 +214,7 @@ def test_concurrent_requests_share_batches_and_one_compilation(service, server):
     ({"prompt": PROMPT, "seed": -1}, "seed", "between 0"),
     ({"prompt": PROMPT, "guidance": -2}, "guidance", "between 0"),
     ({"prompt": PROMPT, "n": 3, "rerank": 2}, "rerank", "between n=3"),
+    ({"prompt": PROMPT, "rerank": -4}, "rerank", "must be >= 0"),
     ({"prompt": PROMPT, "colour": "red"}, "colour", "unknown field"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, param, words):
@@ -280,6 +282,15 @@ def test_service_checks_requests_before_queueing(service):
     with pytest.raises(RequestError, match="size '64x64' is not one of"):
         service.generate(ImageRequest(prompt=PROMPT, size="64x64"))
     assert service.describe()["sizes"] == ["32x32", "256x256", "512x512", "1024x1024"]
+    without_clip = copy.copy(service.generator)
+    without_clip.scorer = None
+    plain = ImageService(without_clip)
+    try:
+        with pytest.raises(RequestError, match="rerank needs a CLIP model"):
+            plain.submit(ImageRequest(prompt=PROMPT, n=1, rerank=4))
+        assert plain.describe()["rerank"] is False
+    finally:
+        plain.close()
 
 
 def _browser():

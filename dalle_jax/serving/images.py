@@ -137,15 +137,14 @@ class ImageService:
         if guidance is not None and not 0 <= guidance <= limits.max_guidance:
             raise RequestError(f"guidance={guidance} must be between 0 and "
                                f"{limits.max_guidance}", "guidance")
-        if request.rerank:
-            if not self.can_rerank:
-                raise RequestError("rerank needs a CLIP model: start the server with a "
-                                   "pipeline workdir or --clip_workdir", "rerank")
-            if not request.n <= request.rerank <= limits.max_candidates:
-                raise RequestError(f"rerank={request.rerank} candidates must be between n="
-                                   f"{request.n} and {limits.max_candidates}", "rerank")
-        elif request.rerank != 0:
-            raise RequestError(f"rerank={request.rerank} must be >= 0", "rerank")
+        if request.rerank < 0:
+            raise RequestError(f"rerank={request.rerank} must be >= 0 (0 = off)", "rerank")
+        if request.rerank and not self.can_rerank:
+            raise RequestError("rerank needs a CLIP model: start the server with a pipeline "
+                               "workdir or --clip_workdir", "rerank")
+        if request.rerank and not request.n <= request.rerank <= limits.max_candidates:
+            raise RequestError(f"rerank={request.rerank} candidates must be between n="
+                               f"{request.n} and {limits.max_candidates}", "rerank")
 
     # --- drawing ------------------------------------------------------------------------
 
