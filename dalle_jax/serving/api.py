@@ -35,10 +35,6 @@ from starlette.exceptions import HTTPException
 from dalle_jax.serving.batcher import QueueFull
 from dalle_jax.serving.images import ImageRequest, RequestError
 
-IGNORED_OPENAI_FIELDS = ("model", "quality", "style", "user", "moderation", "background",
-                         "safety_identifier")
-
-
 class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
