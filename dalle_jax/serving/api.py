@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from dalle_jax.serving.batcher import QueueFull
 from dalle_jax.serving.images import ImageRequest, RequestError
 
+
 class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
