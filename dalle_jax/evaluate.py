@@ -1,6 +1,7 @@
 """Evaluates a pipeline's models the way the paper's claims are stated, and writes a report.
 
     python -m dalle_jax.evaluate --workdir workdirs/mini [--captions 200] [--candidates 16]
+        [--temperature 1] [--top_k 0] [--guidance 1.5,2,3]
 
 For the distinct captions of the `validation` split and of `heldout` (colour-shape pairs the
 models never saw), images are drawn and judged from pixels (`evaluation/captions.py`): plain
@@ -30,6 +31,11 @@ def parse_args(argv=None):
     parser.add_argument("--keep", type=int, default=1, help="images kept by CLIP per caption")
     parser.add_argument("--guidance", default="1.5,2,3", help="guidance scales, comma-separated "
                         "('' for none)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature of every setting")
+    parser.add_argument("--top_k", type=int, default=0,
+                        help="sample among the k likeliest image tokens (0 = all)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus cut (1 = none)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per compiled call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference_examples", type=int, default=500,
@@ -63,7 +69,10 @@ def percent(x) -> str:
 def markdown(report: dict) -> str:
     from dalle_jax.evaluation.captions import ATTRIBUTES
 
-    lines = [f"# Evaluation of {report['workdir']}", ""]
+    s = report["settings"]
+    lines = [f"# Evaluation of {report['workdir']}", "",
+             f"{s['candidates']} images per caption, temperature {s['temperature']:g}, top_k "
+             f"{s['top_k']}, top_p {s['top_p']:g}, seed {s['seed']}.", ""]
     for split, result in report["splits"].items():
         lines += [f"## `{split}`: {result['captions']} captions", "",
                   "| setting | images | " + " | ".join(ATTRIBUTES) + " | any draw matches |",
@@ -95,13 +104,14 @@ def main(argv=None):
     from dalle_jax.evaluation.reconstruction import reconstruction_report
     from dalle_jax.evaluation.retrieval import retrieval_report
     from dalle_jax.models.codec import ImageCodec
-    from dalle_jax.sampling.generator import Generator
+    from dalle_jax.sampling.generator import Generator, Settings
     from dalle_jax.training.restore import load_config
 
     args = parse_args(argv)
     dalle_dir, clip_dir = (os.path.join(args.workdir, s) for s in ("dalle", "clip"))
     try:
         guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
+        Settings(args.temperature, args.top_k, args.top_p)  # a bad value fails before loading
         if not 1 <= args.keep <= args.candidates:
             raise ValueError(f"--keep={args.keep} must be between 1 and --candidates="
                              f"{args.candidates}")
@@ -119,7 +129,8 @@ def main(argv=None):
         chosen = captions_lib.distinct_captions(examples.captions, args.captions)
         rates, images = captions_lib.evaluate_captions(
             generate, chosen, candidates=args.candidates, keep=args.keep,
-            guidance_scales=guidance, seed=args.seed)
+            guidance_scales=guidance, seed=args.seed, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p)
         report["splits"][split] = {"captions": len(chosen), "rates": rates,
                                    "grids": write_grids(out, split, images)}
     reference = load_examples(config, limit=args.reference_examples)

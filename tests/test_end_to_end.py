@@ -129,6 +129,27 @@ def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
         assert rates[setting]["match"] == pytest.approx(2 / 12)
 
 
+def test_every_setting_draws_with_the_given_sampling_controls(mini_config):
+    from dalle_jax.evaluation.captions import evaluate_captions
+    from dalle_jax.evaluation.examples import load_examples
+
+    examples = load_examples(mini_config(), limit=2)
+    calls = []
+
+    class Recorder:
+        scorer = None
+
+        def __call__(self, captions, n, seed, **controls):
+            calls.append(controls)
+            return np.zeros((len(captions) * n,) + examples.images.shape[1:], np.uint8)
+
+    evaluate_captions(Recorder(), examples.captions, candidates=2, keep=1,
+                      guidance_scales=(1.5, 3.0), temperature=0.7, top_k=8)
+    assert calls == [{"temperature": 0.7, "top_k": 8},
+                     {"temperature": 0.7, "top_k": 8, "guidance": 1.5},
+                     {"temperature": 0.7, "top_k": 8, "guidance": 3.0}]
+
+
 def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     from dalle_jax import evaluate
 
@@ -151,5 +172,8 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
         text = f.read()
     assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
     assert "report and grids in" in capsys.readouterr().out
+    assert "2 images per caption, temperature 1, top_k 0" in text
     with pytest.raises(SystemExit, match="--keep=3"):
         evaluate.main(["--workdir", pipeline_run, "--candidates", "2", "--keep", "3"])
+    with pytest.raises(SystemExit, match="temperature=-1"):
+        evaluate.main(["--workdir", pipeline_run, "--temperature", "-1"])

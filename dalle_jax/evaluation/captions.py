@@ -50,17 +50,17 @@ def distinct_captions(captions, limit: int) -> list[str]:
 
 
 def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: int,
-                      guidance_scales=(), seed: int = 0, temperature: float = 1.0):
+                      guidance_scales=(), seed: int = 0, **sampling):
     """{setting name: rates} and {setting name: images (len(captions), k, S, S, 3)} for plain
     sampling and each guidance scale (over all `candidates` drawn per caption, with
     `any_match`: the share of captions with at least one matching candidate), and for the
-    best `keep` of those candidates by CLIP (when the generator has a scorer)."""
+    best `keep` of those candidates by CLIP (when the generator has a scorer). `sampling`:
+    the generator's temperature, top_k, top_p, shared by every setting."""
     rates, images = {}, {}
     draws = [("plain", {})] + [(f"guidance {scale:g}", {"guidance": scale})
                                for scale in guidance_scales]
     for index, (name, controls) in enumerate(draws):
-        drawn = generate(captions, candidates, seed + index, temperature=temperature,
-                         **controls)
+        drawn = generate(captions, candidates, seed + index, **sampling, **controls)
         size = drawn.shape[1:]
         verdicts = verdicts_of(drawn, list(np.repeat(captions, candidates)))
         rates[name] = rates_of(verdicts)
