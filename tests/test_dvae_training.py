@@ -27,6 +27,9 @@ def train_losses(workdir):
     return [r["train/loss"] for r in metrics_lib.read_metrics(str(workdir)) if "train/loss" in r]
 
 
+# Three minutes (two compiled dVAE runs); the loop's sharded = unsharded test on the toy task
+# (test_training.py) and the dVAE's sharded forward (test_dvae.py) stay in the default run.
+@pytest.mark.slow
 def test_eight_devices_train_the_dvae_like_one(tiny_dvae_config, tmp_path):
     tiny_dvae_config.mesh.shape = (2, 4, 1)  # data parallel x FSDP over the conv outputs
     sharded = loop.train(tiny_dvae_config, str(tmp_path / "eight"))

@@ -84,6 +84,9 @@ def assert_trees_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
 
 
+# Four minutes of two processes training the tiny transformer: a long run (`-m slow`); the
+# multi-process input path keeps its quick test in test_multiprocess.py.
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_mesh(
         config, one_process, tmp_path):
     reference_losses, reference_state = one_process

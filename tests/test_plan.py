@@ -32,7 +32,8 @@ class UntrainedDvaeDalleTask(DalleTask):
         return nnx.state(DVAE(self.dvae_model_config, jnp.float32, nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), (1, 4, 2)])
+# The second mesh adds tensor parallelism and two minutes: a long run (`-m slow`).
+@pytest.mark.parametrize("mesh_shape", [(2, 4, 1), pytest.param((1, 4, 2), marks=pytest.mark.slow)])
 def test_plan_of_dalle_mini_equals_the_figures_of_a_real_runs_compiled_step(
         mini_config, tmp_path, mesh_shape):
     config = config_lib.load("dalle_mini")

@@ -153,7 +153,7 @@ def gated(batcher):
 
     def run_batch(group, rows):
         entered.set()
-        gate.wait(timeout=60)
+        gate.wait(timeout=600)
         return original(group, rows)
 
     batcher.run_batch = run_batch
@@ -164,7 +164,7 @@ def gated(batcher):
         batcher.run_batch = original
 
 
-def wait_for(condition, what: str, seconds: float = 30):
+def wait_for(condition, what: str, seconds: float = 300):
     deadline = time.time() + seconds
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"
