@@ -69,10 +69,11 @@ def percent(x) -> str:
 def markdown(report: dict) -> str:
     from dalle_jax.evaluation.captions import ATTRIBUTES
 
-    s = report["settings"]
+    settings = report["settings"]
     lines = [f"# Evaluation of {report['workdir']}", "",
-             f"{s['candidates']} images per caption, temperature {s['temperature']:g}, top_k "
-             f"{s['top_k']}, top_p {s['top_p']:g}, seed {s['seed']}.", ""]
+             f"{settings['candidates']} images per caption, temperature "
+             f"{settings['temperature']:g}, top_k {settings['top_k']}, top_p "
+             f"{settings['top_p']:g}, seed {settings['seed']}.", ""]
     for split, result in report["splits"].items():
         lines += [f"## `{split}`: {result['captions']} captions", "",
                   "| setting | images | " + " | ".join(ATTRIBUTES) + " | any draw matches |",
