@@ -334,8 +334,9 @@ def test_short_training_raises_recall_above_chance(clip_run):
     examples = load_examples(restore.load_config(workdir))
     result = retrieval.zero_shot_accuracy(scorer, examples.images, examples.objects)
     assert 20 < result["count"] < 80  # about half of the 100 validation images
-    assert final["eval/zero_shot_colour_accuracy"] == pytest.approx(result["colour_accuracy"])
-    assert final["eval/zero_shot_shape_accuracy"] == pytest.approx(result["shape_accuracy"])
+    for name in ("colour", "shape", "position", "relation"):
+        assert final[f"eval/zero_shot_{name}_accuracy"] == pytest.approx(
+            result[f"{name}_accuracy"])
 
 
 def test_retrieval_command_reports_recall_and_zero_shot(clip_run, capsys):
@@ -353,7 +354,8 @@ def test_retrieval_command_reports_recall_and_zero_shot(clip_run, capsys):
     blocks = [sims[i:i + 32, i:i + 32] for i in range(0, 100, 32)]  # 32, 32, 32 and 4
     assert report["image_to_text_recall_at_5_in_batch_32"] == pytest.approx(
         sum(clip_task.recall_at_k(b, 5)[0] * len(b) for b in blocks) / 100)
-    assert set(report["zero_shot"]) == {"colour_accuracy", "shape_accuracy", "count"}
+    assert set(report["zero_shot"]) == {"colour_accuracy", "shape_accuracy", "position_accuracy",
+                                        "count", "relation_accuracy", "relation_pairs"}
     with pytest.raises(SystemExit):
         retrieval.main(["--workdir", os.path.dirname(clip_run)])
     assert "not a training workdir" in capsys.readouterr().err

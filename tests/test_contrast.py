@@ -1,5 +1,7 @@
 """CLIP's hard negative captions: each is false of its image (judged from pixels), none holds
 a held-out pair, and the loss that uses them equals a direct computation."""
+import collections
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,25 @@ def test_captions_without_group_words_have_no_negative_and_swaps_must_change_mea
         "red circle", "top left"]
     with pytest.raises(ValueError, match="'red' is in two groups"):
         word_group_index([("red", "blue"), ("red", "green")])
+
+
+def test_each_editable_word_group_is_edited_equally_often(clip_data):
+    # Drawn over all edits alike, "above" would change in 1 of 15 negatives of this caption
+    # (10 colour and 4 shape replacements against 1 relation one): CLIP would rarely meet the
+    # relation as the difference it must see.
+    groups = [tuple(g) for g in clip_data.contrast_words]
+    group_of = word_group_index(groups)
+    rng = np.random.default_rng(2)
+    caption = "a red circle above a blue square"
+    edited = collections.Counter()
+    for _ in range(3000):
+        negative = contrast_caption(caption, groups, rng)
+        changed = {group_of[a] for a, b in zip(caption.split(), negative.split()) if a != b}
+        assert len(changed) == 1
+        edited[changed.pop()] += 1
+    assert set(edited) == {0, 1, 2}  # colour, shape, above/below
+    for count in edited.values():
+        assert abs(count / 3000 - 1 / 3) < 0.03, edited
 
 
 def test_bad_contrast_words_are_a_config_error():

@@ -172,7 +172,8 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
         text = f.read()
     assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
     assert "report and grids in" in capsys.readouterr().out
-    assert "2 images per caption, temperature 1, top_k 0" in text
+    assert "2 images per caption, temperature 0.7, top_k 0" in text
+    assert "position" in text and "relation (true caption over the reversed one)" in text
     with pytest.raises(SystemExit, match="--keep=3"):
         evaluate.main(["--workdir", pipeline_run, "--candidates", "2", "--keep", "3"])
     with pytest.raises(SystemExit, match="temperature=-1"):

@@ -319,8 +319,12 @@ def judge(image: np.ndarray, caption: str) -> dict[str, Any]:
     was found). Names are paired with found objects by _pairing_score, so e.g. a red
     square for "a red circle" fails only on shape.
     """
+    return judge_objects(find_objects(image), caption)
+
+
+def judge_objects(found: Sequence[dict[str, Any]], caption: str) -> dict[str, Any]:
+    """`judge` given the objects an image shows (find_objects rows) instead of its pixels."""
     spec = parse_caption(caption)
-    found = find_objects(image)
     slots = list(found) + [None] * len(spec.objects)
     chosen = max(itertools.permutations(slots, len(spec.objects)),
                  key=lambda pairing: _pairing_score(spec, pairing))

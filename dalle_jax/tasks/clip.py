@@ -31,8 +31,8 @@ outranks it), so a collapsed model scores no better than chance; the chance leve
 (`recall_at_1_chance_in_batch`, 1/n for a batch of n real examples) is reported beside them.
 Captions repeat in `synthetic_shapes` ("a red circle"), so a perfect model does not reach 1.
 
-At every evaluation the task also measures zero-shot colour and shape accuracy on the first
-`config.task.zero_shot_examples` validation images of synthetic_shapes (host-side, see
+At every evaluation the task also measures zero-shot colour, shape, position and relation
+accuracy on the first `config.task.zero_shot_examples` validation images of synthetic_shapes (host-side, see
 `evaluation/retrieval.py`); `python -m dalle_jax.evaluation.retrieval --workdir W` reports
 that and recall over the whole split.
 """
@@ -230,8 +230,9 @@ class ClipTask:
         return out
 
     def evaluate_model(self, model, tokenizer) -> dict[str, float]:
-        """Zero-shot colour/shape accuracy on single-object validation images (synthetic_shapes
-        only; the loop calls this after the batched evaluation, on one process)."""
+        """Zero-shot colour/shape/position accuracy on single-object validation images and
+        relation accuracy on two-object ones (synthetic_shapes only; the loop calls this after
+        the batched evaluation, on one process)."""
         limit = self.config.task.get("zero_shot_examples", 0)
         if self.config.data.name != "synthetic_shapes" or not limit:
             return {}
@@ -244,8 +245,9 @@ class ClipTask:
         examples = self._zero_shot_examples
         result = retrieval.zero_shot_accuracy(ClipScorer(model, tokenizer), examples.images,
                                               examples.objects)
-        return {"zero_shot_colour_accuracy": result["colour_accuracy"],
-                "zero_shot_shape_accuracy": result["shape_accuracy"]}
+        metrics = {f"zero_shot_{name}_accuracy": result[f"{name}_accuracy"]
+                   for name in ("colour", "shape", "position", "relation")}
+        return {k: v for k, v in metrics.items() if v is not None}
 
     def log_images(self, model, batch):
         """Two rows: the first n images of the batch, and below each the batch image the
