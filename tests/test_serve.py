@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -148,17 +149,17 @@ def test_reranked_requests_keep_clips_best_candidates(service, server):
 @contextlib.contextmanager
 def gated(batcher):
     """Holds the batcher's batches until the block exits, so requests pile up meanwhile;
-    yields an event set once the first batch has reached the gate."""
-    gate, entered, original = threading.Event(), threading.Event(), batcher.run_batch
+    yields a list that gets the row count of each batch reaching the gate."""
+    gate, held, original = threading.Event(), [], batcher.run_batch
 
     def run_batch(group, rows):
-        entered.set()
+        held.append(len(rows))
         gate.wait(timeout=600)
         return original(group, rows)
 
     batcher.run_batch = run_batch
     try:
-        yield entered
+        yield held
     finally:
         gate.set()
         batcher.run_batch = original
@@ -182,16 +183,19 @@ def test_concurrent_requests_share_batches_and_one_compilation(service, server):
     def send(i):
         answers[i] = post(server, requests[i])
 
-    with gated(service.batcher):
+    with gated(service.batcher) as held:
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
         for thread in threads:
             thread.start()
-        # The first request is being drawn (held at the gate), the other five wait.
-        wait_for(lambda: service.batcher.waiting == len(requests) - 1, "the requests to queue")
+        # The first batch is held at the gate with the requests that had arrived when it
+        # formed (usually 1, more on a loaded machine); the others wait.
+        wait_for(lambda: held and held[0] + service.batcher.waiting == len(requests),
+                 "the requests to queue")
     for thread in threads:
         thread.join(timeout=120)
-    # 1 held + 5 waiting rows in batches of 4: 3 calls for 6 requests.
-    assert service.batcher.batches_run - before == 3
+    # The held rows, then the rest in batches of 4: 3 calls for 6 requests when 1 was held.
+    assert 1 <= held[0] <= 4
+    assert service.batcher.batches_run - before == 1 + math.ceil((len(requests) - held[0]) / 4)
     for request, (status, answer) in zip(requests, answers):
         assert status == 200, answer
         want = expected(service, request["prompt"], 1, request["seed"], 32)[0]
@@ -262,10 +266,10 @@ def test_a_full_queue_answers_429(service):
     send = lambda: answers.append(post(url, body))  # noqa: E731
     try:
         with serving(busy) as url:
-            with gated(busy.batcher) as drawing:
+            with gated(busy.batcher) as held:
                 first = threading.Thread(target=send)
                 first.start()
-                assert drawing.wait(timeout=30)  # the first is drawn, so it no longer waits
+                wait_for(lambda: held, "the first request to be drawn")  # so it no longer waits
                 second = threading.Thread(target=send)
                 second.start()
                 wait_for(lambda: busy.batcher.waiting == 1, "the second request to queue")

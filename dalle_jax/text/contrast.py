@@ -61,6 +61,18 @@ def _swapped(words: list[str], i: int, j: int) -> list[str]:
     return words
 
 
+def _group_edits(words: list[str], g: int, groups, group_of: dict[str, int]):
+    """(replacements, swaps) of group `g`'s words in `words` that change the caption's meaning."""
+    slots = [i for i, w in enumerate(words) if group_of.get(w) == g]
+    fixed = _mirror_positions(words, group_of)
+    replaced = [words[:i] + [other] + words[i + 1:]
+                for i in slots if i not in fixed for other in groups[g] if other != words[i]]
+    original = phrases(words, group_of)
+    swapped = [_swapped(words, i, j) for a, i in enumerate(slots) for j in slots[a + 1:]
+               if words[i] != words[j]]
+    return replaced, [edit for edit in swapped if phrases(edit, group_of) != original]
+
+
 def contrast_caption(caption: str, groups, rng: np.random.Generator,
                      excluded: tuple[str, ...] = ()) -> str | None:
     """`caption` with one edit that makes it false (see the module doc), or None when it has
@@ -68,27 +80,19 @@ def contrast_caption(caption: str, groups, rng: np.random.Generator,
     pairs held out of training, which must not reach the model even as negatives)."""
     group_of = word_group_index(groups)
     words = caption.split()
-    slots = [(i, group_of[w]) for i, w in enumerate(words) if w in group_of]
-    fixed = _mirror_positions(words, group_of)
-    original = phrases(words, group_of)
     padded = [f" {phrase} " for phrase in excluded]
 
     def allowed(edits):
         texts = (" ".join(edit) for edit in edits)
         return [t for t in texts if not any(p in f" {t} " for p in padded)]
 
-    choices = {}  # group -> the non-empty lists of its edits, one per kind
-    for g in sorted({g for _, g in slots}):
-        replaced = [words[:i] + [other] + words[i + 1:] for i, h in slots
-                    if h == g and i not in fixed for other in groups[g] if other != words[i]]
-        swapped = [_swapped(words, i, j) for a, (i, h) in enumerate(slots) if h == g
-                   for j, k in slots[a + 1:] if k == g and words[i] != words[j]]
-        swapped = [edit for edit in swapped if phrases(edit, group_of) != original]
-        kinds = [kind for kind in (allowed(replaced), allowed(swapped)) if kind]
+    choices = []  # per editable group, its non-empty kinds of edit
+    for g in sorted({group_of[w] for w in words if w in group_of}):
+        kinds = [kind for kind in map(allowed, _group_edits(words, g, groups, group_of)) if kind]
         if kinds:
-            choices[g] = kinds
+            choices.append(kinds)
     if not choices:
         return None
-    kinds = choices[sorted(choices)[int(rng.integers(len(choices)))]]
+    kinds = choices[int(rng.integers(len(choices)))]
     edits = kinds[int(rng.integers(len(kinds)))]
     return edits[int(rng.integers(len(edits)))]
