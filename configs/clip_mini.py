@@ -24,8 +24,9 @@ def get_config():
     config.data.batch_size = 64
     config.data.augment.flip = False
     # Hard negative captions (text/contrast.py): one colour, shape or place word changed or
-    # two swapped, the kind of word drawn first (so a relation is edited as often as a colour). The held-out colour-shape pairs (synthetic_shapes.HELDOUT_PAIRS) never
-    # appear in them: those pairs must stay unseen, as text too.
+    # two swapped, the kind of word drawn first (so a relation is edited as often as a
+    # colour). The held-out colour-shape pairs (synthetic_shapes.HELDOUT_PAIRS) never appear
+    # in them: those pairs must stay unseen, as text too.
     config.data.contrast_words = (
         ("red", "green", "blue", "yellow", "magenta", "cyan"), ("circle", "square", "triangle"),
         ("above", "below"), ("left", "right"), ("top", "bottom"))

@@ -15,11 +15,12 @@ classified among the caption templates "a {colour} {shape}", each class embeddin
 renormalised mean over the other attribute's values (prompt ensembling, as CLIP's zero-shot
 evaluation does); its cell among the four captions "a {colour} {shape} in the {position}"
 that name its own colour and shape (so the figure reads places alone, as reranking does when
-draws differ only in where they put the object). Relations: each two-object image whose objects share a row or a column is
-scored against its true relation caption and the same caption with the relation reversed
-("a red circle above a blue square" / "... below ..."), naming either object first;
-`relation_accuracy` is the share of these pairs the true caption wins (chance 0.5). Reranking
-needs both readings: a best-of-N pick can be no better at places than its judge.
+draws differ only in where they put the object). Relations: each two-object image whose
+objects share a row or a column is scored against its true relation caption and the same
+caption with the relation reversed ("a red circle above a blue square" / "... below ..."),
+naming either object first; `relation_accuracy` is the share of these pairs the true caption
+wins (chance 0.5). Reranking needs both readings: a best-of-N pick can be no better at places
+than its judge.
 """
 from __future__ import annotations
 

@@ -32,9 +32,9 @@ outranks it), so a collapsed model scores no better than chance; the chance leve
 Captions repeat in `synthetic_shapes` ("a red circle"), so a perfect model does not reach 1.
 
 At every evaluation the task also measures zero-shot colour, shape, position and relation
-accuracy on the first `config.task.zero_shot_examples` validation images of synthetic_shapes (host-side, see
-`evaluation/retrieval.py`); `python -m dalle_jax.evaluation.retrieval --workdir W` reports
-that and recall over the whole split.
+accuracy on the first `config.task.zero_shot_examples` validation images of synthetic_shapes
+(host-side, see `evaluation/retrieval.py`); `python -m dalle_jax.evaluation.retrieval
+--workdir W` reports that and recall over the whole split.
 """
 from __future__ import annotations
 

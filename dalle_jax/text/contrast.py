@@ -10,13 +10,13 @@ replaces one word with another of its group or swaps two different words of one 
 group is drawn first, uniformly among those the caption can be edited in, then the kind of
 edit (each as likely as the other when both are possible), then the edit: drawn uniformly
 over all edits, "a red circle above a blue square" would get a colour edit 10 times as often
-as "below", and CLIP would learn little about relations. A swap that leaves the caption's phrases
-(maximal runs of group words, e.g. "red circle", "top left") the same multiset is not made:
-"a red circle and a red square" -> "a red square and a red circle" says the same thing. Nor is
-a word with the same group words before and after it replaced: "a red circle above a red
-circle" -> "... below ..." is as true. In-batch negatives of a contrastive loss
-rarely differ from the caption in one attribute only, so CLIP can score "a red circle above a
-blue square" high for an image of a blue circle above a red square; a caption that differs in
+as "below", and CLIP would learn little about relations. A swap that leaves the caption's
+phrases (maximal runs of group words, e.g. "red circle", "top left") the same multiset is not
+made: "a red circle and a red square" -> "a red square and a red circle" says the same thing.
+Nor is a word with the same group words before and after it replaced: "a red circle above a
+red circle" -> "... below ..." is as true. In-batch negatives of a contrastive loss rarely
+differ from the caption in one attribute only, so CLIP can score "a red circle above a blue
+square" high for an image of a blue circle above a red square; a caption that differs in
 exactly that way, scored against the image, teaches it the difference.
 """
 from __future__ import annotations
