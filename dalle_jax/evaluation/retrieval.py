@@ -112,8 +112,9 @@ def relation_accuracy(scorer, images: np.ndarray, truth) -> dict:
             pairs.append(pair)
     if not pairs:
         return {"relation_accuracy": None, "relation_pairs": 0}
-    embedded = scorer.image_embeddings(np.asarray(images)[sorted(set(rows))])
-    row_of = {i: r for r, i in enumerate(sorted(set(rows)))}
+    related = sorted(set(rows))
+    embedded = scorer.image_embeddings(np.asarray(images)[related])
+    row_of = {i: r for r, i in enumerate(related)}
     texts = scorer.text_embeddings([c for pair in pairs for c in pair]).reshape(len(pairs), 2, -1)
     scores = np.einsum("pe,pce->pc", embedded[[row_of[i] for i in rows]], texts)
     return {"relation_accuracy": float(np.mean(scores[:, 0] > scores[:, 1])),
