@@ -201,7 +201,7 @@ def test_concurrent_requests_share_batches_and_one_compilation(service, server):
         want = expected(service, request["prompt"], 1, request["seed"], 32)[0]
         np.testing.assert_array_equal(pixels_of(base64.b64decode(answer["data"][0]["b64_json"])),
                                       want)
-    # At most the first of the three batches compiled (none when an earlier test warmed the
+    # At most the first batch compiled (none when an earlier test warmed the
     # sampler); other prompts, seeds, sizes and counts never compile a new one.
     assert service.generator.compilations - compiled <= 1
     compiled = service.generator.compilations
