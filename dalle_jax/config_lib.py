@@ -56,8 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = ml_collections.ConfigDict(
         dict(square="center", min_scale=1.0, max_scale=1.125, flip=False))
     # Groups of interchangeable caption words (colours, shapes, ...): when set, every example
-    # also gets a caption made false by one edit (text/contrast.py), CLIP's hard negative.
+    # also gets `contrast_count` different captions made false by one edit each
+    # (text/contrast.py), CLIP's hard negatives.
     c.data.contrast_words = ()
+    c.data.contrast_count = 1
     c.data.contrast_excluded = ()  # phrases no hard negative may contain
     c.data.workers = 0  # Grain worker processes per host (0 = in the main process)
     c.data.read_threads = 8
@@ -198,6 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for group in data.contrast_words:
         _check(not isinstance(group, str) and len(set(group)) >= 2,
                f"config.data.contrast_words group {group!r} must hold at least two words")
+    _check(data.get("contrast_count", 1) >= 1,
+           f"config.data.contrast_count={data.get('contrast_count', 1)} must be >= 1")
     _check(data.read_threads > 0, f"config.data.read_threads={data.read_threads} must be positive")
     _check(text.length >= 2, f"config.text.length={text.length} cannot hold begin and end tokens")
     _check(text.vocab_size >= 8, f"config.text.vocab_size={text.vocab_size} must be at least 8")

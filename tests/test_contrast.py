@@ -94,16 +94,20 @@ def unit_rows(rng, n, dim):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_loss_with_hard_negatives_matches_a_direct_computation():
+@pytest.mark.parametrize("per_example", [1, 3])
+def test_loss_with_hard_negatives_matches_a_direct_computation(per_example):
     rng = np.random.default_rng(3)
-    n, scale = 6, 9.0
-    images, texts, negatives = (unit_rows(rng, n, 8) for _ in range(3))
-    usable = np.array([True, True, False, True, True, True])  # example 2 had no negative
+    n, k, scale = 6, per_example, 9.0
+    images, texts = unit_rows(rng, n, 8), unit_rows(rng, n, 8)
+    negatives = unit_rows(rng, n * k, 8)  # example j's negatives are rows j*k .. j*k + k-1
+    usable = rng.random(n * k) < 0.8
+    usable[2 * k:3 * k] = False  # example 2 had no negative
     mask = np.array([True] * 5 + [False])  # example 5 is padding
     loss, metrics = clip_task.contrastive_loss(images, texts, scale, mask, negatives, usable)
 
     real = np.flatnonzero(mask)
-    kept_negatives = np.flatnonzero(mask & usable)
+    owner = np.arange(n * k) // k
+    kept_negatives = np.flatnonzero(mask[owner] & usable)
     i2t, t2i = [], []
     for i in real:
         row = np.concatenate([scale * texts[real] @ images[i],
@@ -112,7 +116,48 @@ def test_loss_with_hard_negatives_matches_a_direct_computation():
         column = scale * images[real] @ texts[i]  # text->image: no negatives
         t2i.append(np.log(np.sum(np.exp(column))) - scale * texts[i] @ images[i])
     assert float(loss) == pytest.approx(0.5 * (np.mean(i2t) + np.mean(t2i)), rel=1e-5)
-    wins = [texts[i] @ images[i] > negatives[i] @ images[i] for i in kept_negatives]
+    wins = [texts[owner[c]] @ images[owner[c]] > negatives[c] @ images[owner[c]]
+            for c in kept_negatives]
     assert float(metrics["hard_negative_accuracy"]) == pytest.approx(np.mean(wins))
     plain, _ = clip_task.contrastive_loss(images, texts, scale, mask)
     assert float(loss) > float(plain)  # the negatives are extra terms of each image's softmax
+
+
+def prepared(data_config, tokenizer, record, seed=0):
+    from dalle_jax.data import pipeline
+
+    text = config_lib.load("clip_mini").text
+    prepare = pipeline.PrepareExample(data_config, text, tokenizer, training=True)
+    return prepare.random_map(record, np.random.default_rng(seed))
+
+
+def test_examples_carry_k_different_negatives_each_false_of_the_image(clip_data,
+                                                                       mini_tokenizer):
+    data = clip_data.copy_and_resolve_references()
+    data.contrast_count = 3
+    for index in range(20):
+        record = synthetic_shapes.generate_example(0, "train", index, 32)
+        example = prepared(data, mini_tokenizer, record, seed=index)
+        assert example["negative_text"].shape == (3, example["text"].shape[0])
+        assert example["negative_mask"].tolist() == [True] * 3
+        captions = [mini_tokenizer.decode(t) for t in example["negative_text"]]
+        assert len(set(captions)) == 3 and record["caption"] not in captions
+        for negative in captions:
+            assert not judge.matches(record["image"], negative), (record["caption"], negative)
+
+
+def test_a_caption_with_fewer_edits_than_k_masks_the_empty_slots(clip_data, mini_tokenizer):
+    data = clip_data.copy_and_resolve_references()
+    data.contrast_words = (("red", "green"),)  # "a red circle" has one edit: "a green circle"
+    data.contrast_count = 3
+    record = {"image": np.zeros((32, 32, 3), np.uint8), "caption": "a red circle"}
+    example = prepared(data, mini_tokenizer, record)
+    assert example["negative_mask"].tolist() == [True, False, False]
+    assert mini_tokenizer.decode(example["negative_text"][0]) == "a green circle"
+
+
+def test_contrast_count_below_one_is_a_config_error():
+    config = config_lib.load("clip_mini")
+    config.data.contrast_count = 0
+    with pytest.raises(ValueError, match="contrast_count=0"):
+        config_lib.validate(config)

@@ -27,8 +27,10 @@ from dalle_jax.text.tokenizer import Tokenizer
 
 class PrepareExample(grain.transforms.RandomMap):
     """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}; with
-    `config.data.contrast_words`, also 'negative_text' (the caption made false by one edit)
-    and 'negative_mask' (False where the caption had no word to edit)."""
+    `config.data.contrast_words`, also 'negative_text' (k, length): k = `contrast_count`
+    different captions, each the caption made false by one edit, and 'negative_mask' (k,):
+    False for a slot left without one (the caption had no word to edit, or fewer than k
+    different edits)."""
 
     def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
         self.data_config = data_config
@@ -38,6 +40,7 @@ class PrepareExample(grain.transforms.RandomMap):
         self.training = training
         self.contrast_groups = [tuple(group) for group in data_config.get("contrast_words", ())]
         self.contrast_excluded = tuple(data_config.get("contrast_excluded", ()))
+        self.contrast_count = int(data_config.get("contrast_count", 1))
 
     def _tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
         return self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
@@ -55,11 +58,26 @@ class PrepareExample(grain.transforms.RandomMap):
             image = augment.center_view(image, cfg.image_size)
         example = {"image": image, "text": self._tokens(caption, rng), "mask": np.bool_(True)}
         if self.contrast_groups:
+            negatives = self._negatives(caption, rng)
+            slots = negatives + [caption] * (self.contrast_count - len(negatives))
+            example["negative_text"] = np.stack([self._tokens(n, rng) for n in slots])
+            example["negative_mask"] = np.arange(self.contrast_count) < len(negatives)
+        return example
+
+    def _negatives(self, caption: str, rng: np.random.Generator) -> list[str]:
+        """Up to `contrast_count` different hard negatives of `caption` (a caption with few
+        possible edits may yield fewer: drawing stops after a few repeats)."""
+        found: list[str] = []
+        for _ in range(4 * self.contrast_count):
             negative = contrast_caption(caption, self.contrast_groups, rng,
                                         self.contrast_excluded)
-            example["negative_text"] = self._tokens(negative or caption, rng)
-            example["negative_mask"] = np.bool_(negative is not None)
-        return example
+            if negative is None:
+                break
+            if negative not in found:
+                found.append(negative)
+                if len(found) == self.contrast_count:
+                    break
+        return found
 
 
 def host_batch_size(global_batch: int, process_count: int) -> int:

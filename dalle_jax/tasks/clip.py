@@ -12,12 +12,13 @@ moves 2·B·E numbers per step, negligible beside the towers. Examples whose `ma
 (padding of a short evaluation batch) are removed from both cross-entropies: as rows, and as
 columns (a padded caption is no one's negative).
 
-Hard negatives. With `config.data.contrast_words`, every example also carries its caption made
-false by one edit (a colour, shape or place word changed, or two swapped; text/contrast.py),
-and each image's softmax runs over the batch's captions and these negatives: the in-batch
-negatives rarely differ from a caption in one attribute, which is exactly the difference
-reranking has to see. `hard_negative_accuracy` (logged, and in evaluation) is the share of
-images scoring their own caption above their own negative.
+Hard negatives. With `config.data.contrast_words`, every example also carries
+`config.data.contrast_count` different captions, each its own made false by one edit (a
+colour, shape or place word changed, or two swapped; text/contrast.py), and each image's
+softmax runs over the batch's captions and all these negatives: the in-batch negatives rarely
+differ from a caption in one attribute, which is exactly the difference reranking has to see.
+`hard_negative_accuracy` (logged, and in evaluation) is the share of (image, own negative)
+pairs in which the image scores its own caption higher.
 
 With `config.train.grad_accum` > 1 the loop computes the loss per micro-batch, so the
 negatives of a step are those of its micro-batch (B / grad_accum), not the whole batch.
@@ -73,8 +74,9 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
 
     logits[i, j] scores image i against caption j; the pair (i, i) is the target. Rows and
     columns of masked-out examples are left out of every softmax; their own terms are zero.
-    negative_logits[i, j] (optional) scores image i against the hard negative caption of
-    example j: every image's softmax also runs over the batch's usable negatives.
+    negative_logits[i, j·k + m] (optional, (B, B·k)) scores image i against hard negative m
+    of example j, `negative_mask` (B·k,) says which exist: every image's softmax also runs
+    over the batch's usable negatives.
     """
     n = logits.shape[0]
     valid = _valid(mask, n)
@@ -83,7 +85,7 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
     rows = jnp.where(valid[None, :], logits, _MASKED)  # image i over the real captions
     cols = jnp.where(valid[:, None], logits, _MASKED)  # caption j over the real images
     if negative_logits is not None:
-        usable = valid & _valid(negative_mask, n)
+        usable = usable_negatives(valid, negative_mask, negative_logits.shape[1])
         rows = jnp.concatenate(
             [rows, jnp.where(usable[None, :], negative_logits.astype(jnp.float32), _MASKED)],
             axis=1)
@@ -97,10 +99,21 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
             hits_i2t & valid, hits_t2i & valid)
 
 
+def usable_negatives(valid: jax.Array, negative_mask, count: int) -> jax.Array:
+    """(B·k,) the negatives that exist and belong to a real example; `count` = B·k."""
+    per_example = count // valid.shape[0]
+    return jnp.repeat(valid, per_example) & _valid(negative_mask, count)
+
+
 def hard_negative_wins(sims: jax.Array, negative_sims: jax.Array, usable: jax.Array):
-    """Per example: 1 where the image scores its own caption above its own hard negative."""
-    own = jnp.diagonal(sims) > jnp.diagonal(negative_sims)
-    return (own & usable).astype(jnp.float32)
+    """(B, k): 1 where image i scores its own caption above its own negative m (columns
+    i·k + m of the (B, B·k) `negative_sims`) and that negative is usable."""
+    n = sims.shape[0]
+    k = negative_sims.shape[1] // n
+    index = jnp.arange(n)
+    own_negatives = negative_sims.reshape(n, n, k)[index, index]
+    own = jnp.diagonal(sims)[:, None] > own_negatives
+    return (own & usable.reshape(n, k)).astype(jnp.float32)
 
 
 def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
@@ -108,8 +121,9 @@ def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
     """(loss, metrics): the symmetric cross-entropy, mean over the real examples of the
     global batch, and the share of images / captions whose partner scores highest. With
     `negative_embeddings` (the examples' hard negative captions), each image's softmax also
-    runs over them, and `hard_negative_accuracy` is the share of images scoring their own
-    caption above their own negative."""
+    runs over them (`negative_embeddings` (B·k, E): example j's k negatives at rows j·k...,
+    `negative_mask` (B·k,)), and `hard_negative_accuracy` is the share of (image, own
+    negative) pairs in which the image scores its own caption higher."""
     sims = similarity(image_embeddings, text_embeddings)
     negative_sims = None
     if negative_embeddings is not None:
@@ -125,7 +139,7 @@ def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
                "image_to_text_accuracy": jnp.sum(hit_i2t) / count,
                "text_to_image_accuracy": jnp.sum(hit_t2i) / count}
     if negative_sims is not None:
-        usable = _valid(mask, n) & _valid(negative_mask, n)
+        usable = usable_negatives(_valid(mask, n), negative_mask, negative_sims.shape[1])
         metrics["hard_negative_accuracy"] = (
             jnp.sum(hard_negative_wins(sims, negative_sims, usable))
             / jnp.maximum(jnp.sum(usable.astype(jnp.float32)), 1.0))
@@ -167,6 +181,17 @@ def recall_at_k(similarity: np.ndarray, k: int, mask=None,
     return float(np.sum((i2t < k) & valid) / count), float(np.sum((t2i < k) & valid) / count)
 
 
+def negative_embeddings(model, batch):
+    """(B·k, E) embeddings of the batch's (B, k, length) hard negative captions, example-major,
+    and their (B·k,) mask; (None, None) without negatives."""
+    if "negative_text" not in batch:
+        return None, None
+    text = batch["negative_text"]
+    count = text.shape[0] * text.shape[1]
+    return (model.encode_text(text.reshape(count, text.shape[2])),
+            batch["negative_mask"].reshape(count).astype(bool))
+
+
 class ClipTask:
     name = "clip"
 
@@ -187,10 +212,9 @@ class ClipTask:
     def loss(self, model, batch, rng, step):
         del rng, step
         images, texts, scale = model(batch["image"], batch["text"])
-        negatives = (model.encode_text(batch["negative_text"]) if "negative_text" in batch
-                     else None)
+        negatives, negative_mask = negative_embeddings(model, batch)
         loss, metrics = contrastive_loss(images, texts, scale, batch.get("mask"), negatives,
-                                         batch.get("negative_mask"))
+                                         negative_mask)
         return loss, dict(metrics, logit_scale=scale)
 
     def eval_sums(self, model, batch):
@@ -209,8 +233,9 @@ class ClipTask:
             sums[f"image_to_text_at_{k}"] = jnp.sum((rank_i2t < k) * real)
             sums[f"text_to_image_at_{k}"] = jnp.sum((rank_t2i < k) * real)
         if "negative_text" in batch:
-            usable = mask.astype(bool) & batch["negative_mask"].astype(bool)
-            negative_sims = similarity(images, model.encode_text(batch["negative_text"]))
+            negatives, negative_mask = negative_embeddings(model, batch)
+            negative_sims = similarity(images, negatives)
+            usable = usable_negatives(mask.astype(bool), negative_mask, negative_sims.shape[1])
             sums["hard_negative_count"] = jnp.sum(usable.astype(jnp.float32))
             sums["hard_negative_wins"] = jnp.sum(hard_negative_wins(sims, negative_sims, usable))
         return sums

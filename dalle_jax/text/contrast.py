@@ -51,8 +51,10 @@ def _mirror_positions(words: list[str], group_of: dict[str, int]) -> set[int]:
     """Positions with the same group words before as after them ("a red circle above a red
     circle"): replacing such a word names the same scene from the other side."""
     named = [(i, w) for i, w in enumerate(words) if w in group_of]
+    # k > 0: a lone group word has nothing on either side to mirror ("a red circle" with
+    # colours the only group).
     return {i for k, (i, _) in enumerate(named)
-            if [w for _, w in named[:k]] == [w for _, w in named[k + 1:]]}
+            if k > 0 and [w for _, w in named[:k]] == [w for _, w in named[k + 1:]]}
 
 
 def _swapped(words: list[str], i: int, j: int) -> list[str]:
