@@ -155,6 +155,7 @@ def clip_base_config() -> ml_collections.ConfigDict:
         patch_size=16,
         image_width=768, image_depth=12, image_heads=12, image_mlp_ratio=4.0,
         image_pooling="mean",  # or "class": a learned class token's output
+        image_position="learned",  # or "sincos2d": fixed 2-D sine-cosine features
         text_width=512, text_depth=12, text_heads=8, text_mlp_ratio=4.0,
         embed_dim=512,
         remat="none",  # "full" or "save_dots": recompute activations in the backward pass

@@ -18,6 +18,14 @@ jax.config.update("jax_platforms", "cpu")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`pytest -n 2`, with `--dist loadgroup` from setup.cfg) every test of
+    the tiny pipeline's workdir runs on one worker: each worker would build its own (minutes)."""
+    for item in items:
+        if "pipeline_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _hide_gpus_from_tensorflow():
     """TF is only used by TFDS for encoding; keep it off any accelerator JAX may want."""

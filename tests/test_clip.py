@@ -275,6 +275,34 @@ def test_image_embeddings_are_normalised_and_depend_on_the_image(pooling):
     np.testing.assert_allclose(moved[1:], embedded[1:], rtol=1e-6)
 
 
+@pytest.mark.parametrize("position", ["learned", "sincos2d"])
+def test_image_embeddings_depend_on_where_a_patch_is(position):
+    """Mean pooling over a full-attention stack is blind to the patches' order: only the
+    position features tell "a red circle left of a blue square" from its mirror."""
+    config = small_config(image_position=position, image_depth=1, text_depth=1)
+    model = clip.CLIP(clip.clip_config(config.model, config.data, config.text, "float32"),
+                      rngs=fast_rngs())
+    assert hasattr(model, "image_position") == (position == "learned")
+    pictures = images(config, 1)
+    swapped = pictures.copy()
+    swapped[0, :4, :4], swapped[0, :4, 4:8] = pictures[0, :4, 4:8], pictures[0, :4, :4]
+    encode = nnx.jit(lambda m, x: m.encode_images(x))
+    assert np.abs(np.asarray(encode(model, swapped)) - np.asarray(encode(model, pictures))
+                  ).max() > 1e-4
+
+
+def test_sincos_2d_features_are_sines_of_column_and_row():
+    grid, width = 3, 8
+    features = np.asarray(clip.sincos_2d(grid, width))
+    omega = 1.0 / 10_000.0 ** np.array([0.0, 1.0])  # width/4 = 2 frequencies
+    for index in range(grid * grid):
+        y, x = divmod(index, grid)  # raster order, as patchify
+        np.testing.assert_allclose(features[index], np.concatenate(
+            [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]),
+            atol=1e-6)
+    assert len({row.tobytes() for row in features}) == grid * grid
+
+
 def test_patchify_is_raster_order():
     x = np.arange(4 * 4 * 3).reshape(1, 4, 4, 3)
     patches = np.asarray(clip.patchify(jnp.asarray(x), 2))
@@ -293,6 +321,7 @@ def test_patchify_is_raster_order():
     ("embed_dim", -4, "config.model.embed_dim=-4 must be positive"),
     ("text_mlp_ratio", 0.1, "config.model.text_mlp_ratio=0.1"),
     ("image_pooling", "max", "config.model.image_pooling='max'"),
+    ("image_position", "rope", "config.model.image_position='rope'"),
     ("remat", "some", "config.model.remat='some'"),
 ])
 def test_bad_model_config_is_a_one_line_error(key, value, match):
@@ -300,6 +329,12 @@ def test_bad_model_config_is_a_one_line_error(key, value, match):
     with pytest.raises(ValueError, match=match) as info:
         get_task(config)
     assert "\n" not in str(info.value)
+
+
+def test_sincos_positions_need_a_width_divisible_by_4():
+    config = small_config(image_position="sincos2d", image_width=6, image_heads=2)
+    with pytest.raises(ValueError, match="config.model.image_width=6 must be a multiple of 4"):
+        get_task(config)
 
 
 def test_full_size_config_builds_abstractly():

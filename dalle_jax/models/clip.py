@@ -5,7 +5,8 @@ Both towers are the project's one transformer (`transformer.Stack`, scanned over
 - Image: the uint8 image is scaled to [-1, 1] and cut into non-overlapping patch_size²
   patches in raster order; each flattened patch (patch²·3 values) goes through one linear
   layer (the ViT's patch embedding, a convolution with stride = kernel written as a matmul),
-  plus a learned position embedding per patch. A pre-norm `Stack` of kind "full" over the
+  plus a learned position embedding per patch (`image_position="learned"`) or fixed 2-D sine
+  and cosine features of the patch's column and row (`"sincos2d"`, as big_vision's ViT). A pre-norm `Stack` of kind "full" over the
   `Layout(num_patches)` sequence, a final LayerNorm, then **mean pooling** over the patches by
   default (`image_pooling="mean"`; `"class"` prepends a learned class token, as CLIP's ViT
   does, and takes its output instead). Mean pooling keeps the sequence at exactly the
@@ -44,6 +45,7 @@ from dalle_jax.text.tokenizer import EOS_ID, PAD_ID
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 POOLINGS = ("mean", "class")
+IMAGE_POSITIONS = ("learned", "sincos2d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ClipConfig:
     image: BlockConfig
     text: BlockConfig
     image_pooling: str = "mean"
+    image_position: str = "learned"
     remat: str = "none"
 
     @property
@@ -119,6 +122,13 @@ def clip_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDic
     if model.image_pooling not in POOLINGS:
         raise ValueError(f"config.model.image_pooling={model.image_pooling!r} must be one of "
                          f"{POOLINGS}")
+    image_position = model.get("image_position", "learned")
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"config.model.image_position={image_position!r} must be one of "
+                         f"{IMAGE_POSITIONS}")
+    if image_position == "sincos2d" and model.image_width % 4:
+        raise ValueError(f"config.model.image_width={model.image_width} must be a multiple of "
+                         "4 for image_position='sincos2d'")
     if model.remat not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat={model.remat!r} must be one of {REMAT_POLICIES}")
     return ClipConfig(
@@ -126,7 +136,7 @@ def clip_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDic
         text_vocab_size=text.vocab_size, embed_dim=model.embed_dim,
         image=_tower(model, "image", model.init_std, compute_dtype),
         text=_tower(model, "text", model.init_std, compute_dtype),
-        image_pooling=model.image_pooling, remat=model.remat)
+        image_pooling=model.image_pooling, image_position=image_position, remat=model.remat)
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -135,6 +145,16 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     g = s // patch_size
     x = images.reshape(b, g, patch_size, g, patch_size, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, patch_size * patch_size * c)
+
+
+def sincos_2d(grid_size: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+    """(grid², width) fixed position features of a raster-order patch grid, as big_vision's
+    `posemb_sincos_2d`: sin and cos of x and of y, each at width/4 geometric frequencies."""
+    y, x = jnp.mgrid[:grid_size, :grid_size]
+    omega = 1.0 / temperature ** (jnp.arange(width // 4) / max(width // 4 - 1, 1))
+    y = y.reshape(-1, 1) * omega[None]
+    x = x.reshape(-1, 1) * omega[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -159,8 +179,9 @@ class CLIP(nnx.Module):
                                             (cfg.patch_dim, vi.d_model), ("channels", "embed"))
         self.patch_bias = layers.new_param(rngs, nnx.initializers.zeros_init(), (vi.d_model,),
                                            ("norm",))
-        self.image_position = layers.Embed(cfg.image_length, vi.d_model, ("length", "embed"),
-                                           std=std, rngs=rngs)
+        if cfg.image_position == "learned":
+            self.image_position = layers.Embed(cfg.image_length, vi.d_model,
+                                               ("length", "embed"), std=std, rngs=rngs)
         if cfg.image_pooling == "class":
             self.class_token = layers.new_param(rngs, layers.normal(std), (vi.d_model,),
                                                 ("embed",))
@@ -192,11 +213,16 @@ class CLIP(nnx.Module):
         x = images.astype(jnp.float32) / 127.5 - 1.0
         patches = patchify(x, cfg.patch_size).astype(dtype)
         x = patches @ self.patch_embed[...].astype(dtype) + self.patch_bias[...].astype(dtype)
+        if cfg.image_position == "sincos2d":
+            # Fixed features the size of the patches' own (a learned table starts at
+            # init_std, 50 times smaller, and places are learned late), none on the class token.
+            x = x + sincos_2d(cfg.grid_size, x.shape[-1])[None].astype(dtype)
         if cfg.image_pooling == "class":
             token = jnp.broadcast_to(self.class_token[...].astype(dtype),
                                      (x.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([token, x], axis=1)
-        x = x + self.image_position(jnp.arange(cfg.image_length))[None].astype(dtype)
+        if cfg.image_position == "learned":
+            x = x + self.image_position(jnp.arange(cfg.image_length))[None].astype(dtype)
         # CLIP's ViT normalises the embedded sequence before the first block.
         x = layers.constrain(self.image_pre_norm(x), ACT)
         h = self.image_norm(self.image_stack(x))
