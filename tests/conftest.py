@@ -18,6 +18,7 @@ jax.config.update("jax_platforms", "cpu")
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`pytest -n 2`, with `--dist loadgroup` from setup.cfg) every test of
     the tiny pipeline's workdir runs on one worker: each worker would build its own (minutes)."""
