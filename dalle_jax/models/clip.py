@@ -6,10 +6,10 @@ Both towers are the project's one transformer (`transformer.Stack`, scanned over
   patches in raster order; each flattened patch (patch²·3 values) goes through one linear
   layer (the ViT's patch embedding, a convolution with stride = kernel written as a matmul),
   plus a learned position embedding per patch (`image_position="learned"`) or fixed 2-D sine
-  and cosine features of the patch's column and row (`"sincos2d"`, as big_vision's ViT). A pre-norm `Stack` of kind "full" over the
-  `Layout(num_patches)` sequence, a final LayerNorm, then **mean pooling** over the patches by
-  default (`image_pooling="mean"`; `"class"` prepends a learned class token, as CLIP's ViT
-  does, and takes its output instead). Mean pooling keeps the sequence at exactly the
+  and cosine features of the patch's column and row (`"sincos2d"`, as big_vision's ViT). A
+  pre-norm `Stack` of kind "full" over the `Layout(num_patches)` sequence, a final LayerNorm,
+  then **mean pooling** over the patches by default (`image_pooling="mean"`; `"class"`
+  prepends a learned class token, as CLIP's ViT does, and takes its output instead). Mean pooling keeps the sequence at exactly the
   patches (`Layout(num_patches)`); both are common and both are tested.
 - Text: token + position embeddings, a `Stack` of kind "causal" over `Layout(text_length)`,
   a final LayerNorm, and the features at the end-of-caption position (captions are
@@ -122,6 +122,7 @@ def clip_config(model: ml_collections.ConfigDict, data: ml_collections.ConfigDic
     if model.image_pooling not in POOLINGS:
         raise ValueError(f"config.model.image_pooling={model.image_pooling!r} must be one of "
                          f"{POOLINGS}")
+    # Workdirs written before the option existed have no key: they learned their table.
     image_position = model.get("image_position", "learned")
     if image_position not in IMAGE_POSITIONS:
         raise ValueError(f"config.model.image_position={image_position!r} must be one of "
