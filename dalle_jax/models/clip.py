@@ -9,8 +9,9 @@ Both towers are the project's one transformer (`transformer.Stack`, scanned over
   and cosine features of the patch's column and row (`"sincos2d"`, as big_vision's ViT). A
   pre-norm `Stack` of kind "full" over the `Layout(num_patches)` sequence, a final LayerNorm,
   then **mean pooling** over the patches by default (`image_pooling="mean"`; `"class"`
-  prepends a learned class token, as CLIP's ViT does, and takes its output instead). Mean pooling keeps the sequence at exactly the
-  patches (`Layout(num_patches)`); both are common and both are tested.
+  prepends a learned class token, as CLIP's ViT does, and takes its output instead). Mean
+  pooling keeps the sequence at exactly the patches (`Layout(num_patches)`); both are common
+  and both are tested.
 - Text: token + position embeddings, a `Stack` of kind "causal" over `Layout(text_length)`,
   a final LayerNorm, and the features at the end-of-caption position (captions are
   `[bos=2, words..., eos=3, pad=0...]`). Causality makes those features independent of the
