@@ -12,8 +12,9 @@ config against the 4×4 patches at width 64 with the same negatives: zero-shot s
 (91.4%), position 100% (98.8%), relation 62.5% (52.6%; chance 50%); reranking the same 16
 draws of 200 `validation` captions picked a match for 57.5% of them (52.5%). Relations stay
 weak at 3,000 steps (62-67%); they are learned late: 6,000 steps read 94.8% and picked a match
-for 80.5% of `validation` captions from 32 draws (72.5% with this config), but would take the
-whole job past its 40 minutes (BENCHMARKS.md, "CLIP is under-trained").
+for 80.5% of `validation` captions from 32 draws (72.5% with this config), so the main job
+(configs/pipeline_mini.py) trains this config for 6,000 steps (BENCHMARKS.md, "CLIP is
+under-trained").
 """
 from dalle_jax import config_lib
 
