@@ -7,7 +7,7 @@ else running; the same machine type measured 0.13 s a step in the benchmark on 2
 python train.py --config configs/dvae_mini.py --workdir workdirs/dvae_mini
 
 (The main job, configs/pipeline_mini.py, trains it for 6000 steps with its schedules shortened
-in proportion: objects kept 97.8% of 500 validation images, to give CLIP more steps.)
+to fit: objects kept 97.8% of 500 validation images, to give CLIP more steps.)
 
 Three departures from the paper's recipe, all measured on this data:
 
