@@ -54,7 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32  # side of the images the models see
     c.data.batch_size = 32  # global, over all hosts
     c.data.augment = ml_collections.ConfigDict(
-        dict(square="center", min_scale=1.0, max_scale=1.125, flip=False))
+        dict(square="center", min_scale=1.0, max_scale=1.125, flip=False,
+             # The share of training views turned grey, their captions stripped of
+             # `colour_words` (so still true): shape features that do not depend on colour.
+             greyscale=0.0, colour_words=()))
     # Groups of interchangeable caption words (colours, shapes, ...): when set, every example
     # also gets `contrast_count` different captions made false by one edit each
     # (text/contrast.py), CLIP's hard negatives.
@@ -197,6 +200,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 < aug.min_scale <= aug.max_scale,
            f"config.data.augment min_scale={aug.min_scale} / max_scale={aug.max_scale} must "
            "satisfy 0 < min_scale <= max_scale")
+    greyscale = aug.get("greyscale", 0.0)
+    _check(0.0 <= greyscale <= 1.0,
+           f"config.data.augment.greyscale={greyscale} must be a probability in [0, 1]")
+    _check(not greyscale or len(aug.get("colour_words", ())) > 0,
+           f"config.data.augment.greyscale={greyscale} needs config.data.augment.colour_words: "
+           "the words a grey view's caption must lose to stay true")
     _check(data.workers >= 0, f"config.data.workers={data.workers} must be >= 0")
     for group in data.contrast_words:
         _check(not isinstance(group, str) and len(set(group)) >= 2,

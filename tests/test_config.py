@@ -96,3 +96,16 @@ def test_bad_augmentation_is_named():
     config = parse("--config.data.augment.square=diagonal")
     with pytest.raises(ValueError, match="config.data.augment.square='diagonal'"):
         config_lib.validate(config)
+
+
+def test_greyscale_views_need_a_probability_and_the_colour_words_to_drop():
+    config = parse("--config.data.augment.greyscale=1.5")
+    with pytest.raises(ValueError, match="config.data.augment.greyscale=1.5"):
+        config_lib.validate(config)
+    config = parse("--config.data.augment.greyscale=0.25")
+    with pytest.raises(ValueError, match="needs config.data.augment.colour_words"):
+        config_lib.validate(config)
+    config = parse("--config.data.augment.greyscale=0.25",
+                   "--config.data.augment.colour_words=('red', 'blue')")
+    config_lib.validate(config)
+    assert tuple(config.data.augment.colour_words) == ("red", "blue")

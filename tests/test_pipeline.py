@@ -187,6 +187,42 @@ def test_augmentation_views_stay_inside_the_image():
     np.testing.assert_array_equal(augment.square_crop(image, None), image[:, 10:50])
 
 
+def test_greyscale_is_the_luma_of_the_image_in_every_channel():
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    grey = augment.greyscale(image)
+    assert grey.shape == image.shape and grey.dtype == np.uint8
+    assert (grey == grey[..., :1]).all()
+    # PIL's "L" conversion is the same ITU-R 601 luma, in fixed-point arithmetic.
+    reference = np.asarray(Image.fromarray(image).convert("L"), np.int16)
+    assert np.abs(grey[..., 0].astype(np.int16) - reference).max() <= 1
+    assert augment.without_words("a red circle above a blue square", ("red", "blue")) == (
+        "a circle above a square")
+
+
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+
+
+def test_grey_training_views_lose_their_colour_words_and_evaluation_views_stay(
+        mini_config, mini_tokenizer):
+    config = mini_config()
+    config.data.augment.greyscale = 0.5
+    config.data.augment.colour_words = COLOURS
+    config.data.contrast_words = (COLOURS, ("circle", "square", "triangle"))
+    batch = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 1)[0]
+    grey = (batch["image"] == batch["image"][..., :1]).all(axis=(1, 2, 3))
+    assert 0 < grey.sum() < len(grey)  # p = 0.5 over 32 views
+    for is_grey, text, negatives in zip(grey, batch["text"], batch["negative_text"]):
+        named = set(mini_tokenizer.decode(text).split()) & set(COLOURS)
+        assert bool(named) != is_grey  # every synthetic_shapes caption names a colour
+        for negative in negatives:
+            assert bool(set(mini_tokenizer.decode(negative).split()) & set(COLOURS)) != is_grey
+    evaluation = take(pipeline.make_loader(config, "validation", mini_tokenizer,
+                                           training=False), 1)[0]
+    assert not (evaluation["image"] == evaluation["image"][..., :1]).all(axis=(1, 2, 3)).any()
+
+
 def test_an_input_error_reaches_the_training_thread(mini_config, mini_tokenizer):
     config = mini_config()
     config.data.batch_size = 4

@@ -46,6 +46,17 @@ def augment(image: np.ndarray, size: int, rng: np.random.Generator, *, square: s
     return np.ascontiguousarray(view)
 
 
+def greyscale(image: np.ndarray) -> np.ndarray:
+    """`image` (uint8 HxWx3) as its ITU-R 601 luma, in all three channels."""
+    luma = np.asarray(image, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(np.round(luma).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def without_words(caption: str, words) -> str:
+    """`caption` with every word in `words` left out ("a red circle" -> "a circle")."""
+    return " ".join(w for w in caption.split() if w not in words)
+
+
 def center_view(image: np.ndarray, size: int) -> np.ndarray:
     """The deterministic evaluation view: centred square crop resized to `size`."""
     return np.ascontiguousarray(resize(square_crop(image, None), size))

@@ -30,7 +30,9 @@ class PrepareExample(grain.transforms.RandomMap):
     `config.data.contrast_words`, also 'negative_text' (k, length): k = `contrast_count`
     different captions, each the caption made false by one edit, and 'negative_mask' (k,):
     False for a slot left without one (the caption had no word to edit, or fewer than k
-    different edits)."""
+    different edits). With `config.data.augment.greyscale` = p, a training view is grey with
+    probability p and its caption loses the `colour_words` (the negatives are made from that
+    caption)."""
 
     def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
         self.data_config = data_config
@@ -54,6 +56,9 @@ class PrepareExample(grain.transforms.RandomMap):
             image = augment.augment(image, cfg.image_size, rng, square=aug.square,
                                     min_scale=aug.min_scale, max_scale=aug.max_scale,
                                     flip=aug.flip)
+            if aug.get("greyscale", 0.0) and rng.random() < aug.greyscale:
+                image = augment.greyscale(image)
+                caption = augment.without_words(caption, aug.colour_words)
         else:
             image = augment.center_view(image, cfg.image_size)
         example = {"image": image, "text": self._tokens(caption, rng), "mask": np.bool_(True)}
