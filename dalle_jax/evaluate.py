@@ -68,6 +68,23 @@ def percent(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def best_of_table(rates: dict) -> list[str]:
+    """Markdown lines: per reranked setting, the caption-match rate of CLIP's best of n for
+    the n of its curve (none without a scorer)."""
+    curves = {name: r["best_of"] for name, r in rates.items() if r.get("best_of")}
+    if not curves:
+        return []
+    sizes = sorted({int(n) for curve in curves.values() for n in curve})
+    lines = ["Best of n by CLIP, from the same draws (caption match; mean over the disjoint "
+             "groups of n):", "", "| setting | " + " | ".join(f"n = {n}" for n in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for name, curve in curves.items():
+        by_size = {int(n): rate for n, rate in curve.items()}
+        lines.append(f"| {name.split(', best')[0]} | "
+                     + " | ".join(percent(by_size.get(n)) for n in sizes) + " |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     from dalle_jax.evaluation.captions import ATTRIBUTES
 
@@ -84,8 +101,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {rates['images']} | "
                          + " | ".join(percent(rates[a]) for a in ATTRIBUTES)
                          + f" | {percent(rates.get('any_match'))} |")
-        lines += ["", "Grids: " + ", ".join(f"[{n}]({f})" for n, f in result["grids"].items()),
-                  ""]
+        lines += [""] + best_of_table(result["rates"])
+        lines += ["Grids: " + ", ".join(f"[{n}]({f})" for n, f in result["grids"].items()), ""]
     dvae, clip = report.get("dvae"), report.get("clip")
     if dvae:
         lines += ["## dVAE", "", f"PSNR {dvae['psnr']:.2f} dB, objects kept "

@@ -129,6 +129,31 @@ def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
         assert rates[setting]["match"] == pytest.approx(2 / 12)
 
 
+def test_best_of_curve_against_picking_each_group_by_hand():
+    from dalle_jax.evaluation.captions import best_of_curve
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 32))
+    matches = rng.random((5, 32)) < 0.3
+
+    def by_hand(n):
+        picks = []
+        for row_scores, row_matches in zip(scores, matches):
+            for start in range(0, 32, n):
+                group = list(row_scores[start:start + n])
+                picks.append(row_matches[start + group.index(max(group))])
+        return np.mean(picks)
+
+    curve = best_of_curve(scores, matches)
+    assert list(curve) == [32, 16, 8]
+    for n, rate in curve.items():
+        assert rate == pytest.approx(by_hand(n))
+    assert list(best_of_curve(scores[:, :6], matches[:, :6])) == [6]
+    assert list(best_of_curve(scores[:, :24], matches[:, :24], smallest=2)) == [24, 12, 6, 3]
+    with pytest.raises(ValueError, match="must both be"):
+        best_of_curve(scores, matches[:, :8])
+
+
 def test_every_setting_draws_with_the_given_sampling_controls(mini_config):
     from dalle_jax.evaluation.captions import evaluate_captions
     from dalle_jax.evaluation.examples import load_examples
@@ -164,6 +189,10 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
         assert result["rates"]["plain"]["images"] == 6
         assert result["rates"]["guidance 2"]["images"] == 6
         assert result["rates"]["plain, best 1 of 2 by CLIP"]["images"] == 3
+        for setting in ("plain", "guidance 2"):
+            reranked = result["rates"][f"{setting}, best 1 of 2 by CLIP"]
+            # The curve's full-size point is the very pick the reranked setting judged.
+            assert reranked["best_of"][2] == pytest.approx(reranked["match"])
         for file in result["grids"].values():
             assert os.path.isfile(os.path.join(pipeline_run, "evaluation", file))
     assert report["dvae"]["examples"] == 40 and "objects_kept" in report["dvae"]
@@ -171,6 +200,7 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     with open(os.path.join(pipeline_run, "evaluation", "report.md")) as f:
         text = f.read()
     assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
+    assert "| guidance 2 | " in text.split("Best of n by CLIP")[1]
     assert "report and grids in" in capsys.readouterr().out
     assert "2 images per caption, temperature 0.7, top_k 0" in text
     assert "position" in text and "relation (true caption over the reversed one)" in text

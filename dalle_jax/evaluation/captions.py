@@ -3,7 +3,8 @@
 For each caption and setting (plain sampling, classifier-free guidance at each scale),
 `candidates` images are drawn; the setting's figures are over all of them, and its reranked
 figures over the `keep` that CLIP scores highest among them (best of N from the very same
-draws, so the two differ only by the choice). Every image is read by `evaluation.judge`:
+draws, so the two differ only by the choice), with the best-of-n curve over fewer candidates
+from the same draws. Every image is read by `evaluation.judge`:
 `match` (everything the caption says, nothing extra) and per attribute: colour, shape,
 position (captions that state a cell), relation (captions that state one), count (no object
 missing or extra).
@@ -49,6 +50,28 @@ def distinct_captions(captions, limit: int) -> list[str]:
     return seen[:limit] if limit else seen
 
 
+def best_of_curve(scores: np.ndarray, matches: np.ndarray, smallest: int = 8) -> dict[int, float]:
+    """{n: the share of captions whose best-scoring draw among n matches}, for n = N, N/2, ...
+    down to `smallest` (and N itself when N is smaller): (P, N) `scores` and `matches` of the
+    same draws, best of n averaged over the N/n disjoint groups of n consecutive draws, so
+    one set of draws shows what fewer candidates would have given."""
+    scores, matches = np.asarray(scores), np.asarray(matches, bool)
+    if scores.shape != matches.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and matches {matches.shape} must both be "
+                         "(captions, candidates)")
+    total = scores.shape[1]
+    curve, n = {}, total
+    while n == total or (n >= smallest and total % n == 0):
+        groups = total // n
+        best = scores.reshape(len(scores), groups, n).argmax(axis=2)
+        picked = np.take_along_axis(matches.reshape(len(scores), groups, n), best[..., None], 2)
+        curve[n] = float(picked.mean())
+        if n % 2:
+            break
+        n //= 2
+    return curve
+
+
 def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: int,
                       guidance_scales=(), seed: int = 0, **sampling):
     """{setting name: rates} and {setting name: images (len(captions), k, S, S, 3)} for plain
@@ -72,5 +95,6 @@ def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: i
             best = rerank.rerank(captions, drawn, generate.scorer, keep)
             reranked = f"{name}, best {keep} of {candidates} by CLIP"
             rates[reranked] = judged_rates(best.images, list(np.repeat(captions, keep)))
+            rates[reranked]["best_of"] = best_of_curve(best.scores, matches)
             images[reranked] = best.images.reshape(len(captions), keep, *size)
     return rates, images
