@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import time
 
 SPLITS = ("validation", "heldout")
 
@@ -146,13 +147,19 @@ def main(argv=None):
     out = os.path.join(args.workdir, "evaluation")
     os.makedirs(out, exist_ok=True)
     report = {"workdir": os.path.abspath(args.workdir), "settings": vars(args), "splits": {}}
+    start = time.time()
     for split in SPLITS:
         examples = load_examples(config, split)
         chosen = captions_lib.distinct_captions(examples.captions, args.captions)
+
+        def show(name, rates, split=split):
+            print(f"[{split}] {name}: match {percent(rates['match'])} "
+                  f"({(time.time() - start) / 60:.1f} min)", flush=True)
+
         rates, images = captions_lib.evaluate_captions(
             generate, chosen, candidates=args.candidates, keep=args.keep,
-            guidance_scales=guidance, seed=args.seed, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p)
+            guidance_scales=guidance, seed=args.seed, on_rates=show,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         report["splits"][split] = {"captions": len(chosen), "rates": rates,
                                    "grids": write_grids(out, split, images)}
     reference = load_examples(config, limit=args.reference_examples)

@@ -201,7 +201,10 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
         text = f.read()
     assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
     assert "| guidance 2 | " in text.split("Best of n by CLIP")[1]
-    assert "report and grids in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report and grids in" in printed
+    # Progress as each setting is judged, before the report.
+    assert printed.index("[heldout] guidance 2, best 1 of 2 by CLIP: match ") < printed.index("# Evaluation")
     assert "2 images per caption, temperature 0.7, top_k 0" in text
     assert "position" in text and "relation (true caption over the reversed one)" in text
     with pytest.raises(SystemExit, match="--keep=3"):

@@ -73,12 +73,13 @@ def best_of_curve(scores: np.ndarray, matches: np.ndarray, smallest: int = 8) ->
 
 
 def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: int,
-                      guidance_scales=(), seed: int = 0, **sampling):
+                      guidance_scales=(), seed: int = 0, on_rates=None, **sampling):
     """{setting name: rates} and {setting name: images (len(captions), k, S, S, 3)} for plain
     sampling and each guidance scale (over all `candidates` drawn per caption, with
     `any_match`: the share of captions with at least one matching candidate), and for the
     best `keep` of those candidates by CLIP (when the generator has a scorer). `sampling`:
-    the generator's temperature, top_k, top_p, shared by every setting."""
+    the generator's temperature, top_k, top_p, shared by every setting. `on_rates(name,
+    rates)`, if given, is called as each setting's figures are ready (a run can take an hour)."""
     rates, images = {}, {}
     draws = [("plain", {})] + [(f"guidance {scale:g}", {"guidance": scale})
                                for scale in guidance_scales]
@@ -96,5 +97,9 @@ def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: i
             reranked = f"{name}, best {keep} of {candidates} by CLIP"
             rates[reranked] = judged_rates(best.images, list(np.repeat(captions, keep)))
             rates[reranked]["best_of"] = best_of_curve(best.scores, matches)
+        if on_rates is not None:
+            for done in (name, f"{name}, best {keep} of {candidates} by CLIP"):
+                if done in rates:
+                    on_rates(done, rates[done])
             images[reranked] = best.images.reshape(len(captions), keep, *size)
     return rates, images
