@@ -129,6 +129,39 @@ def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
         assert rates[setting]["match"] == pytest.approx(2 / 12)
 
 
+def test_reranked_images_are_the_scorers_picks_with_or_without_progress(mini_config):
+    from dalle_jax.evaluation.captions import evaluate_captions
+    from dalle_jax.evaluation.examples import load_examples
+
+    examples = load_examples(mini_config(), limit=3)
+    truth = examples.images
+
+    class TrueDrawLast:
+        """Two blank draws and then the true image; the scorer prefers brighter images."""
+        class scorer:
+            @staticmethod
+            def score(images, captions):
+                return np.asarray(images, np.float32).mean(axis=(1, 2, 3))
+
+        def __call__(self, captions, n, seed, **controls):
+            out = np.zeros((len(captions), n) + truth.shape[1:], np.uint8)
+            out[:, -1] = truth[:len(captions)]
+            return out.reshape(-1, *truth.shape[1:])
+
+    seen = []
+    for on_rates in (None, lambda name, rates: seen.append(name)):
+        rates, images = evaluate_captions(TrueDrawLast(), examples.captions, candidates=3,
+                                          keep=1, on_rates=on_rates)
+        picked = "plain, best 1 of 3 by CLIP"
+        np.testing.assert_array_equal(images[picked][:, 0], truth)
+        assert rates[picked]["match"] == 1.0 and rates["plain"]["match"] == pytest.approx(1 / 3)
+    assert seen == ["plain", "plain, best 1 of 3 by CLIP"]
+    TrueDrawLast.scorer = None
+    _, images = evaluate_captions(TrueDrawLast(), examples.captions, candidates=3, keep=1,
+                                  on_rates=lambda name, rates: seen.append(name))
+    assert list(images) == ["plain"] and seen[-1] == "plain"
+
+
 def test_best_of_curve_against_picking_each_group_by_hand():
     from dalle_jax.evaluation.captions import best_of_curve
 

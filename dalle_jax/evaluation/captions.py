@@ -97,9 +97,9 @@ def evaluate_captions(generate, captions: list[str], *, candidates: int, keep: i
             reranked = f"{name}, best {keep} of {candidates} by CLIP"
             rates[reranked] = judged_rates(best.images, list(np.repeat(captions, keep)))
             rates[reranked]["best_of"] = best_of_curve(best.scores, matches)
+            images[reranked] = best.images.reshape(len(captions), keep, *size)
         if on_rates is not None:
             for done in (name, f"{name}, best {keep} of {candidates} by CLIP"):
                 if done in rates:
                     on_rates(done, rates[done])
-            images[reranked] = best.images.reshape(len(captions), keep, *size)
     return rates, images
