@@ -39,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=0,
                         help="sample among the k likeliest image tokens (0 = all)")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus cut (1 = none)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per compiled call")
+    parser.add_argument("--batch_size", type=int, default=128,
+                        help="images per compiled call (128 draws 1.2-1.6x the images/s of 32 "
+                             "on a 2-core CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference_examples", type=int, default=500,
                         help="validation examples for the dVAE and CLIP figures")
@@ -122,6 +124,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None):
+    from dalle_jax import pipeline
     from dalle_jax.evaluation import captions as captions_lib
     from dalle_jax.evaluation.examples import load_examples
     from dalle_jax.evaluation.reconstruction import reconstruction_report
@@ -131,16 +134,15 @@ def main(argv=None):
     from dalle_jax.training.restore import load_config
 
     args = parse_args(argv)
-    dalle_dir, clip_dir = (os.path.join(args.workdir, s) for s in ("dalle", "clip"))
+    dalle_dir = os.path.join(args.workdir, "dalle")
     try:
         guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
         Settings(args.temperature, args.top_k, args.top_p)  # a bad value fails before loading
         if not 1 <= args.keep <= args.candidates:
             raise ValueError(f"--keep={args.keep} must be between 1 and --candidates="
                              f"{args.candidates}")
-        has_clip = os.path.isfile(os.path.join(clip_dir, "config.json"))
         generate = Generator.from_workdir(dalle_dir, batch_size=args.batch_size,
-                                          clip_workdir=clip_dir if has_clip else None)
+                                          clip_workdir=pipeline.clip_workdirs(args.workdir))
         config = load_config(dalle_dir)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"evaluate: {e}") from None
