@@ -36,7 +36,8 @@ flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "Cache reads (dens
 flags.DEFINE_integer("rerank", 0, "Draw this many candidates per prompt and keep the --keep "
                      "that CLIP scores best (0 = no reranking; then --n images are drawn).")
 flags.DEFINE_integer("keep", 1, "Images kept per prompt with --rerank.")
-flags.DEFINE_string("clip_workdir", None, "A trained CLIP's workdir (needed by --rerank).")
+flags.DEFINE_list("clip_workdir", None, "A trained CLIP's workdir (needed by --rerank); "
+                  "several, comma-separated, rerank together (a ClipCommittee).")
 flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
                   "(images over data, heads over tensor); default: one device.")
 flags.mark_flags_as_required(["workdir"])

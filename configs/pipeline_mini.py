@@ -10,6 +10,7 @@ import ml_collections
 
 from dalle_jax import config_lib
 
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 # Captions for the final grids: seen combinations and held-out colour-shape pairs (yellow
 # triangle, blue circle, cyan square and magenta circle never occur in training).
 PROMPTS = (
@@ -28,6 +29,7 @@ def get_config():
     config.text = ml_collections.ConfigDict(dict(length=24, vocab_size=128))
     config.dvae = config_lib.load("dvae_mini")
     config.clip = config_lib.load("clip_mini")
+    config.grey_clip = config_lib.load("clip_mini")
     config.dalle = config_lib.load("dalle_mini")
     # The 40-minute budget of the whole job on 2 CPU cores, spent where the caption-match rate
     # gains (measured times in BENCHMARKS.md, "The pipeline"). CLIP trains 6000 steps, twice
@@ -40,6 +42,16 @@ def get_config():
     config.dvae.task.kl_decay_steps = 5500
     config.dvae.task.temperature_steps = 3900
     config.clip.train.steps = 6000
+    # An optional second CLIP (add it to the stages: --config.stages="('dvae', 'clip',
+    # 'grey_clip', 'dalle')"): it sees grey images with colourless captions only, so it reads
+    # shapes whatever their colour, the main CLIP's weak point on unseen colour-shape pairs,
+    # and reranks beside the main one (models/scorer.py, ClipCommittee). On the same draws it
+    # raised the picks by 1.5-4.5 points on both splits at best of 128, for about 3 more
+    # minutes, which the 40-minute job does not have; paying for it with 1000 of the main
+    # CLIP's steps lost more than it gained (BENCHMARKS.md, "other judges for the pick").
+    config.grey_clip.data.augment.greyscale = 1.0
+    config.grey_clip.data.augment.colour_words = COLOURS
+    config.grey_clip.train.steps = 1000
     config.dalle.train.steps = 2500
     # Temperature 0.7 with guidance 1.5: on the same 16 draws of 200 validation captions, CLIP's
     # pick matched its caption for 64.5% of them, against 57.5% at temperature 1 and 58.0% at

@@ -20,10 +20,12 @@ def _pipeline_mini():
 def get_config():
     config = _pipeline_mini()
     config.text.update(dict(length=20, vocab_size=64))
-    for stage in ("dvae", "clip", "dalle"):
+    # Every stage, the optional grey CLIP too: the samples are reranked by both CLIPs.
+    config.stages = ("dvae", "clip", "grey_clip", "dalle")
+    for stage in config.stages:
         data = config[stage].data
         data.shapes.update(dict(num_train=300, num_validation=100, num_heldout=60))
-        data.batch_size = 32 if stage == "clip" else 16
+        data.batch_size = 32 if stage.endswith("clip") else 16
 
     dvae = config.dvae
     dvae.model.update(dict(n_hid=16, vocab_size=128, n_init=32))
@@ -32,13 +34,13 @@ def get_config():
     dvae.train.update(dict(steps=80, log_every=10, eval_every=80, eval_batches=2,
                            images_every=0, checkpoint_every=100))
 
-    clip = config.clip
-    clip.model.update(dict(image_width=32, image_depth=2, image_heads=1, image_mlp_ratio=2,
-                           text_width=32, text_depth=1, text_heads=1, text_mlp_ratio=2,
-                           embed_dim=32))
-    clip.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10, ema_decay=0.0))
-    clip.train.update(dict(steps=80, log_every=40, eval_every=80, eval_batches=0,
-                           images_every=80, checkpoint_every=1000))
+    for clip, steps in ((config.clip, 80), (config.grey_clip, 40)):
+        clip.model.update(dict(image_width=32, image_depth=2, image_heads=1, image_mlp_ratio=2,
+                               text_width=32, text_depth=1, text_heads=1, text_mlp_ratio=2,
+                               embed_dim=32))
+        clip.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10, ema_decay=0.0))
+        clip.train.update(dict(steps=steps, log_every=40, eval_every=steps, eval_batches=0,
+                               images_every=steps, checkpoint_every=1000))
 
     dalle = config.dalle
     dalle.model.update(dict(image_vocab_size=128, d_model=64, num_heads=4, head_dim=16,

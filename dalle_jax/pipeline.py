@@ -8,7 +8,8 @@ A pipeline config holds one full stage config per model (`config.dvae`, `config.
 
     tokenizer.model      the caption tokenizer, trained once and used by every stage
     dvae/ clip/ dalle/   each stage's own workdir (checkpoints, metrics, image grids)
-    samples/             best-of-N images for `config.samples.prompts`, reranked by CLIP
+    grey_clip/           with the optional stage: a CLIP of grey views, a second reranker
+    samples/             best-of-N images for `config.samples.prompts`, reranked by the CLIPs
 
 A stage whose checkpoint has reached its `train.steps` is skipped; an interrupted one resumes
 where it stopped (the loop's own resume), and a stage stopped by SIGTERM stops the pipeline,
@@ -22,7 +23,10 @@ import time
 import ml_collections
 from absl import logging
 
-STAGES = ("dvae", "clip", "dalle")
+STAGES = ("dvae", "clip", "grey_clip", "dalle")
+# The CLIPs that rerank the samples, together (models/scorer.py, ClipCommittee): the CLIP and
+# one trained on grey views only, which reads shapes whatever their colour.
+CLIP_STAGES = ("clip", "grey_clip")
 TOKENIZER_FILENAME = "tokenizer.model"
 
 
@@ -107,19 +111,26 @@ def run_stage(stage: str, config, workdir: str) -> bool:
     return step >= config.train.steps
 
 
+def clip_workdirs(workdir: str) -> list[str]:
+    """The CLIP stages a pipeline workdir holds (clip/, grey_clip/): its rerankers."""
+    return [os.path.join(workdir, stage) for stage in CLIP_STAGES
+            if os.path.isfile(os.path.join(workdir, stage, "config.json"))]
+
+
 def draw_samples(config, workdir: str) -> str:
-    """Best-of-N samples for `config.samples.prompts`, reranked by the pipeline's CLIP."""
+    """Best-of-N samples for `config.samples.prompts`, reranked by the pipeline's CLIPs."""
     from dalle_jax.sampling.generator import Generator
     from dalle_jax.sampling.outputs import write_samples
 
     s = config.samples
-    clip_workdir = os.path.join(workdir, "clip") if "clip" in config.stages else None
+    clip_workdir = [os.path.join(workdir, stage) for stage in CLIP_STAGES
+                    if stage in config.stages]
     generate = Generator.from_workdir(os.path.join(workdir, "dalle"), batch_size=s.batch_size,
                                       clip_workdir=clip_workdir)
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, guidance=s.guidance)
     prompts = list(s.prompts)
     out = os.path.join(workdir, "samples")
-    if clip_workdir is None:
+    if not clip_workdir:
         images = generate(prompts, s.keep, s.seed, **settings)
         write_samples(out, prompts, images, seed=s.seed, settings=settings)
     else:

@@ -6,8 +6,8 @@
     #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").images.generate(
     #       prompt="a red circle above a blue square", n=2, size="256x256")
 
-`--workdir` is a pipeline workdir (its dalle/ and, for `rerank`, clip/) or a transformer
-workdir (with `--clip_workdir` for reranking). The API is in `dalle_jax/serving/api.py`.
+`--workdir` is a pipeline workdir (its dalle/ and, for `rerank`, its CLIPs: clip/ and
+grey_clip/ if trained) or a transformer workdir (with `--clip_workdir` for reranking). The API is in `dalle_jax/serving/api.py`.
 """
 import contextlib
 import signal
@@ -17,7 +17,7 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "A pipeline workdir, or a trained transformer's workdir.")
 flags.DEFINE_string("clip_workdir", None, "A trained CLIP's workdir, for `rerank` (default: "
-                    "the pipeline's clip/).")
+                    "the pipeline's clip/ and grey_clip/).")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("batch_size", 8, "Images drawn per compiled call, across requests.")

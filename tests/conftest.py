@@ -68,12 +68,12 @@ def tiny_pipeline_config(mini_config):
     from dalle_jax import config_lib
 
     config = config_lib.load("pipeline_tiny")
-    for stage in ("dvae", "clip", "dalle"):
+    for stage in config.stages:
         config[stage].data.data_dir = mini_config().data.data_dir
         config[stage].data.shapes.update(mini_config().data.shapes.to_dict())
-    # CLIP on one device: compiling its step for 8 fake ones doubles its time, and the
-    # global-batch loss under sharding has its own test in test_clip.py.
-    config.clip.mesh.num_devices = 1
+    # The CLIPs on one device: compiling their step for 8 fake ones doubles their time, and
+    # the global-batch loss under sharding has its own test in test_clip.py.
+    config.clip.mesh.num_devices = config.grey_clip.mesh.num_devices = 1
     # The transformer on two (FSDP): the loop shards the frozen dVAE and the state; its
     # sharded = unsharded tests on larger meshes live in test_dalle.py.
     config.dalle.mesh.update(dict(shape=(1, 2, 1), num_devices=2))
@@ -83,7 +83,7 @@ def tiny_pipeline_config(mini_config):
 @pytest.fixture(scope="session")
 def pipeline_run(mini_config, tmp_path_factory):
     """The workdir of configs/pipeline_tiny.py run end to end: tokenizer, dvae/, clip/,
-    dalle/ and samples/ (shared by the dVAE, CLIP, transformer and sampling tests)."""
+    grey_clip/, dalle/ and samples/ (shared by the dVAE, CLIP, transformer and sampling tests)."""
     from dalle_jax import pipeline
 
     workdir = str(tmp_path_factory.mktemp("pipeline") / "run")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import tiny_pipeline_config
 from dalle_jax import pipeline
+from dalle_jax.sampling.generator import Generator
 from dalle_jax.training import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ def test_stages_share_one_tokenizer_and_the_pipelines_dvae(mini_config, pipeline
     configs = pipeline.stage_configs(tiny_pipeline_config(mini_config), pipeline_run)
     tokenizer = os.path.join(pipeline_run, "tokenizer.model")
     assert os.path.isfile(tokenizer)
-    for stage in ("dvae", "clip", "dalle"):
+    for stage in ("dvae", "clip", "grey_clip", "dalle"):
         saved = restore.load_config(os.path.join(pipeline_run, stage))
         assert saved.text.tokenizer == tokenizer == configs[stage].text.tokenizer
         assert (saved.text.length, saved.text.vocab_size) == (20, 64)
@@ -34,6 +35,20 @@ def test_stages_share_one_tokenizer_and_the_pipelines_dvae(mini_config, pipeline
     with pytest.raises(ValueError, match="each must be one of"):
         config.stages = ("dvae", "gan")
         pipeline.stage_configs(config, pipeline_run)
+
+
+def test_the_pipelines_two_clips_rerank_together(pipeline_run):
+    from dalle_jax.models.scorer import ClipCommittee
+    from dalle_jax.serving.images import resolve_workdirs
+
+    clips = [os.path.join(pipeline_run, s) for s in ("clip", "grey_clip")]
+    assert pipeline.clip_workdirs(pipeline_run) == clips
+    assert resolve_workdirs(pipeline_run) == (os.path.join(pipeline_run, "dalle"), clips)
+    generate = Generator.from_workdir(os.path.join(pipeline_run, "dalle"), clip_workdir=clips)
+    assert isinstance(generate.scorer, ClipCommittee)
+    colour, grey = generate.scorer.members
+    assert colour.grey_without is None
+    assert grey.grey_without == ("red", "green", "blue", "yellow", "magenta", "cyan")
 
 
 def test_samples_are_reranked_grids_with_scores(pipeline_run):
@@ -68,14 +83,16 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
     assert pipeline.trained_steps(os.path.join(workdir, "dalle")) == 30
 
     data_dir = mini_config().data.data_dir
-    overrides = [f"--config.{stage}.data.data_dir={data_dir}" for stage in ("dvae", "clip", "dalle")]
+    overrides = [f"--config.{stage}.data.data_dir={data_dir}"
+                 for stage in ("dvae", "clip", "grey_clip", "dalle")]
     result = run_train("--config", os.path.join(ROOT, "configs", "pipeline_tiny.py"),
                        "--workdir", workdir, *overrides,
-                       "--config.clip.mesh.num_devices=1", "--config.dalle.mesh.shape=(1,2,1)",
-                       "--config.dalle.mesh.num_devices=2")
+                       "--config.clip.mesh.num_devices=1", "--config.grey_clip.mesh.num_devices=1",
+                       "--config.dalle.mesh.shape=(1,2,1)", "--config.dalle.mesh.num_devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[dvae] already trained to step 80: skipped" in result.stdout
     assert "[clip] already trained to step 80: skipped" in result.stdout
+    assert "[grey_clip] already trained to step 40: skipped" in result.stdout
     assert "[dalle] training 30 steps from step 30" in result.stdout
     assert f"images: {os.path.join(workdir, 'samples')}/grid_*.png" in result.stdout
 

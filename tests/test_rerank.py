@@ -88,6 +88,60 @@ def test_bad_inputs_are_one_line_errors(scorer, images, captions, match):
         scorer.score(images, captions)
 
 
+def test_a_grey_clip_scores_grey_images_against_captions_without_colours(scorer):
+    grey = ClipScorer(scorer.model, scorer.tokenizer, chunk=3, grey_without=("red", "blue"))
+    images = random_images(4, seed=3)
+    captions = ["a red circle", "a blue square above a red circle", "a square", "a red circle"]
+    luma = np.round(images.astype(np.float64) @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    grey_images = np.repeat(luma[..., None], 3, axis=-1)
+    plain = ["a circle", "a square above a circle", "a square", "a circle"]
+    np.testing.assert_allclose(grey.score(images, captions),
+                               direct_scores(scorer, grey_images, plain), atol=1e-5)
+    assert not np.allclose(grey.score(images, captions), scorer.score(images, captions))
+
+
+def test_standardised_by_caption_against_each_group_by_hand():
+    from dalle_jax.models.scorer import standardised_by_caption
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=9)
+    captions = ["a", "b", "a", "c", "b", "a", "b", "a", "b"]
+    got = standardised_by_caption(scores, captions)
+    for caption in "ab":
+        rows = [i for i, c in enumerate(captions) if c == caption]
+        group = scores[rows]
+        np.testing.assert_allclose(got[rows], (group - group.mean()) / group.std(), atol=1e-6)
+    assert got[3] == 0.0  # a lone image stands out from nothing
+
+
+def test_a_committee_sums_its_members_standardised_scores(scorer):
+    from dalle_jax.models.scorer import ClipCommittee
+
+    grey = ClipScorer(scorer.model, scorer.tokenizer, chunk=3, grey_without=("red", "blue"))
+    committee = ClipCommittee([scorer, grey])
+    images = random_images(8, seed=4)
+    captions = ["a red circle"] * 5 + ["a blue square"] * 3
+    by_hand = np.zeros(8)
+    for member in (scorer, grey):
+        raw = direct_scores(member, *((images, captions) if member is scorer else (
+            np.repeat(np.round(images.astype(np.float64) @ [0.299, 0.587, 0.114])
+                      .astype(np.uint8)[..., None], 3, axis=-1),
+            ["a circle"] * 5 + ["a square"] * 3)))
+        for rows in (slice(0, 5), slice(5, 8)):
+            by_hand[rows] += (raw[rows] - raw[rows].mean()) / raw[rows].std()
+    np.testing.assert_allclose(committee.score(images, captions), by_hand, atol=1e-4)
+    # One caption for all images: one group.
+    np.testing.assert_allclose(committee.score(images[:5], "a red circle"), by_hand[:5],
+                               atol=1e-4)
+    # Reranking by a committee of one CLIP twice keeps that CLIP's own picks.
+    twice = rerank.rerank(["a red circle", "a blue square"], images[:6],
+                          ClipCommittee([scorer, scorer]), keep=3)
+    alone = rerank.rerank(["a red circle", "a blue square"], images[:6], scorer, keep=3)
+    np.testing.assert_array_equal(twice.kept, alone.kept)
+    with pytest.raises(ValueError, match="at least two"):
+        ClipCommittee([scorer])
+
+
 def test_rerank_keeps_the_candidates_clip_scores_highest(scorer):
     prompts = ["a red circle", "a blue square"]
     candidates = random_images(10, seed=2) / 255.0  # 5 per prompt, prompt-major

@@ -14,6 +14,14 @@ serves every call.
 The score is the cosine similarity of the two normalised embeddings, in [-1, 1]; CLIP's
 training logits are that times the learned scale (`model.logit_scale_value()`), which does not
 change any ranking.
+
+A CLIP trained on grey views only (`config.data.augment.greyscale=1`) reads what it was trained
+on: its scorer turns images grey and leaves the run's `colour_words` out of captions, so it
+judges shapes and places whatever the colours. `ClipCommittee` lets several CLIPs judge together
+(e.g. the pipeline's CLIP and such a grey one):
+
+    committee = ClipCommittee([ClipScorer.from_workdir(w) for w in ("clip", "grey_clip")])
+    scores = committee.score(images, captions)  # the members' standardised scores, summed
 """
 from __future__ import annotations
 
@@ -55,10 +63,14 @@ def as_uint8_images(images, size: int) -> np.ndarray:
 
 
 class ClipScorer:
-    def __init__(self, model: CLIP, tokenizer, chunk: int = 64):
+    def __init__(self, model: CLIP, tokenizer, chunk: int = 64,
+                 grey_without: Sequence[str] | None = None):
+        """`grey_without` (a CLIP trained on grey views): score grey images against captions
+        without these words; None scores images and captions as they are."""
         self.model, self.tokenizer, self.chunk = model, tokenizer, chunk
         self.image_size = model.cfg.image_size
         self.text_length = model.cfg.text_length
+        self.grey_without = None if grey_without is None else tuple(grey_without)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 64) -> "ClipScorer":
@@ -69,22 +81,40 @@ class ClipScorer:
         model, config = load_model(workdir, use_ema=use_ema)
         if not isinstance(model, CLIP):
             raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not CLIP")
-        return cls(model, Tokenizer(run.tokenizer_path(config, workdir)), chunk)
+        augment = config.data.augment
+        grey = augment.get("greyscale", 0.0) >= 1.0
+        return cls(model, Tokenizer(run.tokenizer_path(config, workdir)), chunk,
+                   grey_without=tuple(augment.colour_words) if grey else None)
+
+    def _images_as_trained(self, images: np.ndarray) -> np.ndarray:
+        if self.grey_without is None:
+            return images
+        from dalle_jax.data.augment import greyscale
+
+        return np.stack([greyscale(image) for image in images])
+
+    def _captions_as_trained(self, captions: list[str]) -> list[str]:
+        if self.grey_without is None:
+            return captions
+        from dalle_jax.data.augment import without_words
+
+        return [without_words(c, self.grey_without) for c in captions]
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:
         return encode_texts(self.tokenizer, captions, self.text_length)
 
     def image_embeddings(self, images) -> np.ndarray:
         """float32 (N, E), L2-normalised."""
-        return apply_in_chunks(_encode_images, self.model,
-                               as_uint8_images(images, self.image_size), self.chunk)
+        images = self._images_as_trained(as_uint8_images(images, self.image_size))
+        return apply_in_chunks(_encode_images, self.model, images, self.chunk)
 
     def text_embeddings(self, captions: Sequence[str]) -> np.ndarray:
         """float32 (N, E), L2-normalised."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         if not captions:
             raise ValueError("no captions given")
-        return apply_in_chunks(_encode_text, self.model, self.tokenize(captions), self.chunk)
+        return apply_in_chunks(_encode_text, self.model,
+                               self.tokenize(self._captions_as_trained(captions)), self.chunk)
 
     def similarity(self, images, captions: Sequence[str]) -> np.ndarray:
         """Cosine similarity of every image with every caption, (N_images, N_captions)."""
@@ -103,3 +133,47 @@ class ClipScorer:
         rows = np.array([row_of[c] for c in captions])
         return np.sum(image_embeddings * text[np.broadcast_to(rows, (len(image_embeddings),))],
                       axis=1)
+
+
+def standardised_by_caption(scores: np.ndarray, captions: Sequence[str]) -> np.ndarray:
+    """`scores` minus the mean, over the standard deviation, of the scores given with the same
+    caption: how far an image stands out among its caption's images (0 for a lone image)."""
+    scores, captions = np.asarray(scores, np.float64), np.asarray(captions)
+    out = np.zeros_like(scores)
+    for caption in np.unique(captions):
+        rows = captions == caption
+        group = scores[rows]
+        out[rows] = (group - group.mean()) / max(group.std(), 1e-12)
+    return out.astype(np.float32)
+
+
+class ClipCommittee:
+    """Several CLIPs judging together. An image's score is the sum over the members of its
+    score standardised among the images given with the same caption, so members whose cosine
+    similarities spread differently weigh alike (a ranking among one caption's candidates is
+    what reranking needs; scores of different captions are not comparable). Embeddings, and so
+    retrieval figures, are the first member's."""
+
+    def __init__(self, members: Sequence[ClipScorer]):
+        if len(members) < 2:
+            raise ValueError(f"a committee needs at least two CLIPs, got {len(members)}")
+        self.members = tuple(members)
+        self.image_embeddings = self.members[0].image_embeddings
+        self.text_embeddings = self.members[0].text_embeddings
+
+    def score(self, images, captions: Sequence[str] | str) -> np.ndarray:
+        """(N,) the sum of the members' standardised scores of image i with caption i."""
+        images = np.asarray(images)
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        per_image = captions if len(captions) != 1 else captions * len(images)
+        return sum(standardised_by_caption(member.score(images, captions), per_image)
+                   for member in self.members)
+
+
+def scorer_from_workdirs(workdirs: Sequence[str] | str) -> ClipScorer | ClipCommittee:
+    """A trained CLIP's scorer, or the committee of several CLIPs' workdirs."""
+    workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+    if not workdirs:
+        raise ValueError("no CLIP workdir given")
+    scorers = [ClipScorer.from_workdir(w) for w in workdirs]
+    return scorers[0] if len(scorers) == 1 else ClipCommittee(scorers)

@@ -16,6 +16,7 @@ same whatever else is drawn with it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ class Generator:
                  implementation: str = "sparse", mesh=None, rules=None, scorer=None):
         """`mesh` and `rules` (optional): sample on a device mesh with the training rules,
         e.g. images over the data axes and heads over the tensor axis. `scorer` (a
-        `ClipScorer`, optional) reranks candidates in `best_of`."""
+        `ClipScorer` or `ClipCommittee`, optional) reranks candidates in `best_of`."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.model, self.codec, self.tokenizer = model, codec, tokenizer
@@ -98,10 +99,11 @@ class Generator:
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
                      implementation: str = "sparse", mesh_shape=None,
-                     clip_workdir: str | None = None) -> "Generator":
+                     clip_workdir: str | Sequence[str] | None = None) -> "Generator":
         """The run in `workdir`, its dVAE and tokenizer; with `mesh_shape` (e.g. (2, 1, 4) over
         the run's mesh axes) sampling is sharded by the run's own logical-axis rules; with
-        `clip_workdir` a trained CLIP reranks candidates in `best_of`."""
+        `clip_workdir` a trained CLIP reranks candidates in `best_of` (several workdirs: a
+        `ClipCommittee` of them)."""
         from dalle_jax import run
         from dalle_jax.models.codec import ImageCodec
         from dalle_jax.text.tokenizer import Tokenizer
@@ -128,10 +130,10 @@ class Generator:
                 config.mesh.to_dict(), shape=tuple(mesh_shape), num_devices=0)))
             rules = logical.normalize_rules(config.sharding.rules)
         scorer = None
-        if clip_workdir is not None:
-            from dalle_jax.models.scorer import ClipScorer
+        if clip_workdir:
+            from dalle_jax.models.scorer import scorer_from_workdirs
 
-            scorer = ClipScorer.from_workdir(clip_workdir)
+            scorer = scorer_from_workdirs(clip_workdir)
         return cls(model, codec, tokenizer, batch_size=batch_size,
                    implementation=implementation, mesh=mesh, rules=rules, scorer=scorer)
 

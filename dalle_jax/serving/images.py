@@ -54,13 +54,14 @@ class Limits:
     max_guidance: float = 20.0
 
 
-def resolve_workdirs(workdir: str, clip_workdir: str | None = None) -> tuple[str, str | None]:
-    """(transformer workdir, CLIP workdir or None) from a pipeline workdir (dalle/, clip/) or a
-    transformer workdir with an optional CLIP one."""
+def resolve_workdirs(workdir: str, clip_workdir: str | None = None):
+    """(transformer workdir, CLIP workdir(s) or None) from a pipeline workdir (dalle/ and its
+    CLIPs, clip/ and grey_clip/) or a transformer workdir with an optional CLIP one."""
     if os.path.isfile(os.path.join(workdir, "dalle", "config.json")):
-        pipeline_clip = os.path.join(workdir, "clip")
-        if clip_workdir is None and os.path.isfile(os.path.join(pipeline_clip, "config.json")):
-            clip_workdir = pipeline_clip
+        from dalle_jax.pipeline import clip_workdirs
+
+        if clip_workdir is None:
+            clip_workdir = clip_workdirs(workdir) or None
         return os.path.join(workdir, "dalle"), clip_workdir
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir!r} is neither a pipeline workdir (with dalle/) nor a "
