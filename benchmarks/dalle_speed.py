@@ -11,6 +11,10 @@ as a ratio to this machine's fp32 matmul FLOP/s measured in the same run.
 
 Compile time: the same step lowered and compiled (no arrays allocated) at depth 4 and 24; with
 the layers scanned, the deeper model should compile in about the same time.
+
+Loop or no loop (`--unroll_rounds`): the train step of `configs/dalle_mini.py`'s transformer
+(4 layers, batch 32, random tokens) with the layers applied by a loop (`scan_unroll=1`) and
+unrolled (`scan_unroll=4`, the config's setting), timed in alternating rounds in one process.
 """
 import os
 import sys
@@ -30,6 +34,8 @@ flags.DEFINE_integer("steps", 5, "Train steps timed (after one warm-up step).")
 flags.DEFINE_integer("batch", 8, "Examples per train step.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the reference.")
 flags.DEFINE_string("attention", "sparse", "sparse or dense.")
+flags.DEFINE_integer("unroll_rounds", 5, "Alternating rounds of the loop/unrolled comparison "
+                     "(0: skip it).")
 FLAGS = flags.FLAGS
 
 
@@ -81,6 +87,37 @@ def random_batch(cfg, batch: int):
             "mask": jnp.ones((batch,), bool)}
 
 
+def mini_config(scan_unroll: int):
+    from dalle_jax import config_lib
+
+    config = config_lib.load("dalle_mini")
+    config.model.scan_unroll = scan_unroll
+    config.optimizer.warmup_steps = 0
+    config.mesh.update(dict(shape=(1, 1, 1), num_devices=1))
+    return config
+
+
+def unroll_comparison(rounds: int, steps: int):
+    """Median ms/step of dalle_mini's train step with its layers looped and unrolled."""
+    config = mini_config(1)
+    batch = config.data.batch_size
+    runs = {}
+    for unroll in (1, config.model.depth):
+        compiled, state, data, _, _ = compiled_step(mini_config(unroll), batch, allocate=True)
+        state, metrics = compiled(state, data)  # warm-up
+        runs[unroll] = [compiled, state, data, []]
+    for _ in range(rounds):  # Alternating, so a noisy neighbour slows both alike.
+        for run in runs.values():
+            compiled, state, data, times = run
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = compiled(state, data)
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - start) / steps * 1e3)
+            run[1] = state
+    return {unroll: float(np.median(run[3])) for unroll, run in runs.items()}
+
+
 def compiled_step(config, batch: int, allocate: bool):
     """(compiled train step, state or None, batch, task, seconds to lower and compile)."""
     from dalle_jax.sharding import mesh as mesh_lib
@@ -105,7 +142,8 @@ def main(argv):
     from dalle_jax.models import dalle
 
     print(f"command: python benchmarks/dalle_speed.py --steps={FLAGS.steps} "
-          f"--batch={FLAGS.batch} --attention={FLAGS.attention}")
+          f"--batch={FLAGS.batch} --attention={FLAGS.attention} "
+          f"--unroll_rounds={FLAGS.unroll_rounds}")
     reference = matmul_flops_per_second(FLAGS.matmul_size)
     print(f"reference: fp32 matmul {FLAGS.matmul_size}^3 on 1 CPU device: "
           f"{reference / 1e9:.1f} GFLOP/s")
@@ -133,6 +171,12 @@ def main(argv):
         times[depth] = seconds
         print(f"compile the train step at depth {depth}: {seconds:.1f} s")
     print(f"compile time ratio depth 24 / depth 4: {times[24] / times[4]:.2f}")
+
+    if FLAGS.unroll_rounds:
+        looped, unrolled = unroll_comparison(FLAGS.unroll_rounds, 20).values()
+        print(f"dalle_mini train step, batch 32, median of {FLAGS.unroll_rounds} alternating "
+              f"rounds of 20 steps: layers looped {looped:.0f} ms, unrolled {unrolled:.0f} ms: "
+              f"{looped / unrolled:.2f}x")
 
 
 if __name__ == "__main__":

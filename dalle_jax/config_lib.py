@@ -135,6 +135,7 @@ def dalle_base_config() -> ml_collections.ConfigDict:
         conv_kernel=11,  # the last layer's causal k×k neighbourhood
         attention="sparse",  # or "dense": the masked reference implementation
         remat="none",  # "full" or "save_dots": recompute activations in the backward pass
+        scan_unroll=1,  # layers per iteration of the loop over depth (depth: no loop)
         init_std=0.02,
     ))
     c.optimizer.update(dict(

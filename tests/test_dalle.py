@@ -283,10 +283,29 @@ def test_rematerialisation_changes_memory_not_results(small, unrematted, remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _with_unroll(small, scan_unroll):
+    cfg, model = small
+    return nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, scan_unroll=scan_unroll),
+                                              rngs=fast_rngs())), nnx.state(model))
+
+
+def test_unrolling_the_loop_over_layers_changes_speed_not_results(small):
+    cfg, _ = small
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    expected_loss, expected_grads = _one_device(_with_unroll(small, 1), text, tokens)
+    for scan_unroll in (3, cfg.block.depth):  # uneven (a loop of 3 then 1), and no loop
+        loss, grads = _one_device(_with_unroll(small, scan_unroll), text, tokens)
+        assert loss == pytest.approx(expected_loss, rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("attention", "flash", "config.model.attention='flash'"),
     ("remat", "some", "config.model.remat='some'"),
     ("depth", 0, "config.model.depth=0"),
+    ("scan_unroll", 0, "config.model.scan_unroll=0 must be between 1 and config.model.depth=4"),
+    ("scan_unroll", 5, "config.model.scan_unroll=5 must be between 1"),
 ])
 def test_bad_model_config_is_a_one_line_error(key, value, match):
     with pytest.raises(ValueError, match=match):

@@ -35,6 +35,7 @@ class DalleConfig:
     conv_kernel: int = 11
     attention: str = "sparse"  # or "dense": the masked reference
     remat: str = "none"
+    scan_unroll: int = 1
 
     @property
     def layout(self) -> attention_lib.Layout:
@@ -53,6 +54,11 @@ def dalle_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDi
                 "depth"):
         if model[key] < 1:
             raise ValueError(f"config.model.{key}={model[key]} must be positive")
+    # Workdirs written before the option existed have no key: they scanned one layer at a time.
+    scan_unroll = model.get("scan_unroll", 1)
+    if not 1 <= scan_unroll <= model.depth:
+        raise ValueError(f"config.model.scan_unroll={scan_unroll} must be between 1 and "
+                         f"config.model.depth={model.depth}")
     if model.attention not in ("sparse", "dense"):
         raise ValueError(f"config.model.attention={model.attention!r} must be 'sparse' or 'dense'")
     block = BlockConfig(d_model=model.d_model, num_heads=model.num_heads,
@@ -61,7 +67,7 @@ def dalle_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDi
     return DalleConfig(text_length=text.length, text_vocab_size=text.vocab_size,
                        image_vocab_size=model.image_vocab_size, grid_size=model.grid_size,
                        block=block, conv_kernel=model.conv_kernel, attention=model.attention,
-                       remat=model.remat)
+                       remat=model.remat, scan_unroll=scan_unroll)
 
 
 class DALLE(nnx.Module):
@@ -80,7 +86,8 @@ class DALLE(nnx.Module):
         self.column_embed = layers.Embed(cfg.grid_size, d, ("length", "embed"), std=std,
                                          rngs=rngs)
         self.stack = Stack(cfg.block, attention_lib.layer_kinds(cfg.block.depth), cfg.layout,
-                           implementation=cfg.attention, remat=cfg.remat, rngs=rngs)
+                           implementation=cfg.attention, remat=cfg.remat,
+                           scan_unroll=cfg.scan_unroll, rngs=rngs)
         self.final_norm = layers.LayerNorm(d, rngs=rngs)
         self.text_head = layers.new_param(rngs, layers.normal(std), (d, cfg.text_vocab_size),
                                           ("embed", "vocab"))

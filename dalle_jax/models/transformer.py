@@ -5,9 +5,11 @@ attention kind of each layer ("row"/"column"/"conv" for DALL·E, "causal" for CL
 "full" for a ViT) and in the `Layout` of the sequence.
 
 Layers are stacked on a leading "layers" axis and applied with `lax.scan`, so compile time does
-not grow with depth. Layers of different kinds share one scan body: the kind of each layer is
-an index into the kinds the stack uses and `lax.switch` picks the attention, which only changes
-which keys a query sees (the projections are the same).
+not grow with depth (`scan_unroll` layers per loop iteration: a few small layers run faster
+unrolled, without the loop's per-layer slicing and stacking). Layers of different kinds share
+one scan body: the kind of each layer is an index into the kinds the stack uses and
+`lax.switch` picks the attention, which only changes which keys a query sees (the projections
+are the same).
 """
 from __future__ import annotations
 
@@ -128,7 +130,8 @@ class Stack(nnx.Module):
     """`len(kinds)` blocks on a stacked "layers" axis, applied with one `lax.scan`."""
 
     def __init__(self, cfg: BlockConfig, kinds: tuple[str, ...], layout: attention_lib.Layout,
-                 *, implementation: str = "sparse", remat: str = "none", rngs: nnx.Rngs):
+                 *, implementation: str = "sparse", remat: str = "none", scan_unroll: int = 1,
+                 rngs: nnx.Rngs):
         if len(kinds) != cfg.depth:
             raise ValueError(f"{len(kinds)} attention kinds for a depth of {cfg.depth}")
         if remat not in REMAT_POLICIES:
@@ -138,6 +141,7 @@ class Stack(nnx.Module):
         self.layout = layout
         self.implementation = implementation
         self.remat = remat
+        self.scan_unroll = scan_unroll
 
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -170,7 +174,8 @@ class Stack(nnx.Module):
             x, _ = block(x, lambda q, k, v: (self._pick(attend_fns, index, q, k, v), None))
             return x, None
 
-        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, self._kind_index()))
+        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, self._kind_index()),
+                            unroll=self.scan_unroll)
         return x
 
     # --- decoding with a key/value cache --------------------------------------------------
