@@ -3,12 +3,14 @@
     python train.py --config configs/pipeline_mini.py --workdir workdirs/mini
 
 A pipeline config holds one full stage config per model (`config.dvae`, `config.clip`,
-`config.dalle`, each what `train.py` would take on its own), the caption settings they share
-(`config.text`) and what to draw at the end (`config.samples`). In the workdir:
+`config.grey_clip`, `config.dalle`, each what `train.py` would take on its own), the caption
+settings they share (`config.text`) and what to draw at the end (`config.samples`). In the
+workdir:
 
     tokenizer.model      the caption tokenizer, trained once and used by every stage
     dvae/ clip/ dalle/   each stage's own workdir (checkpoints, metrics, image grids)
-    grey_clip/           with the optional stage: a CLIP of grey views, a second reranker
+    grey_clip/           a CLIP of grey views, the second reranker (drop it from
+                         `config.stages` to rerank with `clip/` alone)
     samples/             best-of-N images for `config.samples.prompts`, reranked by the CLIPs
 
 A stage whose checkpoint has reached its `train.steps` is skipped; an interrupted one resumes
