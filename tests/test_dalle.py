@@ -264,6 +264,20 @@ def test_12b_partition_specs_match_the_golden_file():
     assert specs["stack/blocks/attention/query"] == str(jax.P(None, "fsdp", "tensor", None))
 
 
+def variant(small, **changes):
+    """The `small` model's weights in a model built with other settings (`DalleConfig` fields)."""
+    cfg, model = small
+    return nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, **changes),
+                                              rngs=fast_rngs())), nnx.state(model))
+
+
+def assert_same_loss_and_grads(result, expected):
+    (loss, grads), (expected_loss, expected_grads) = result, expected
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def unrematted(small):
     cfg, model = small
@@ -273,31 +287,17 @@ def unrematted(small):
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_rematerialisation_changes_memory_not_results(small, unrematted, remat):
-    cfg, model = small
-    text, tokens, (expected_loss, expected_grads) = unrematted
-    rematted = nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, remat=remat),
-                                                  rngs=fast_rngs())), nnx.state(model))
-    loss, grads = _one_device(rematted, text, tokens)
-    assert loss == pytest.approx(expected_loss, rel=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def _with_unroll(small, scan_unroll):
-    cfg, model = small
-    return nnx.merge(nnx.graphdef(dalle.DALLE(dataclasses.replace(cfg, scan_unroll=scan_unroll),
-                                              rngs=fast_rngs())), nnx.state(model))
+    text, tokens, expected = unrematted
+    assert_same_loss_and_grads(_one_device(variant(small, remat=remat), text, tokens), expected)
 
 
 def test_unrolling_the_loop_over_layers_changes_speed_not_results(small):
     cfg, _ = small
     text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
-    expected_loss, expected_grads = _one_device(_with_unroll(small, 1), text, tokens)
+    expected = _one_device(variant(small, scan_unroll=1), text, tokens)
     for scan_unroll in (3, cfg.block.depth):  # uneven (a loop of 3 then 1), and no loop
-        loss, grads = _one_device(_with_unroll(small, scan_unroll), text, tokens)
-        assert loss == pytest.approx(expected_loss, rel=1e-6)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert_same_loss_and_grads(
+            _one_device(variant(small, scan_unroll=scan_unroll), text, tokens), expected)
 
 
 @pytest.mark.parametrize("key, value, match", [
