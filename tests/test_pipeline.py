@@ -112,6 +112,24 @@ def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini
     assert_same_batches(take(iterator, 2), in_process[2:])
 
 
+def test_builders_of_predefined_and_custom_configs_survive_the_trip_to_a_worker_process(
+        mini_config):
+    import pickle
+
+    from dalle_jax.data import sources
+
+    for custom in (False, True):  # the default 32 px build (the mini pipeline's), mini_config's
+        config = mini_config()
+        if not custom:
+            config.data.shapes.update(dict(num_train=0, num_validation=0, num_heldout=0))
+        builder = sources.builder_for(config.data)
+        # Grain pickles the data source, and with it the builder, into each worker.
+        rebuilt = pickle.loads(pickle.dumps(builder))
+        assert rebuilt.builder_config.name == builder.builder_config.name
+        assert rebuilt.data_dir == builder.data_dir
+        assert (rebuilt.builder_config.name == "32") != custom
+
+
 @pytest.mark.parametrize("prefetch", [1, 3])
 def test_resume_from_saved_state_gives_exactly_the_next_batch(mini_config, mini_tokenizer, prefetch):
     config = mini_config()

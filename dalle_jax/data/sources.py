@@ -29,7 +29,8 @@ def builder_for(data_config) -> tfds.core.DatasetBuilder:
             image_size=shapes.image_size, num_train=shapes.num_train or None,
             num_validation=shapes.num_validation or None, num_heldout=shapes.num_heldout or None,
             seed=shapes.seed)
-        return tfds.builder(name, config=config, data_dir=data_dir)
+        return tfds.builder(name, config=synthetic_shapes.builder_config_argument(config),
+                            data_dir=data_dir)
     if name == "caption_folder":
         if not data_config.folder:
             raise ValueError("config.data.folder must name a folder when config.data.name is "

@@ -172,6 +172,13 @@ def sample_scene(rng: np.random.Generator, split: str) -> list[dict[str, Any]]:
     return sorted(scene, key=lambda o: (o["row"], o["col"]))
 
 
+def builder_config_argument(config: SyntheticShapesConfig) -> SyntheticShapesConfig | str:
+    """What `tfds.builder` should get as `config`: a predefined config by its name, a custom
+    one as itself. A builder pickled into Grain's worker processes is rebuilt there from this
+    argument, and TFDS refuses a predefined config's equal but not identical copy."""
+    return config.name if _PREDEFINED.get(config.image_size) is config else config
+
+
 def _supersampled_size(image_size: int) -> int:
     return max(MIN_SUPERSAMPLED_SIZE, 4 * image_size)
 
