@@ -25,6 +25,10 @@ def get_config():
     config.data.shapes.image_size = 32
     config.data.image_size = 32
     config.data.batch_size = 64
+    # Two read threads, not eight: on the 2-core CPU the loader's Python threads compete with
+    # the step, and 300-step runs alternating the two took 0.77-0.96× the time per step with
+    # two (BENCHMARKS.md, session 16). The batches are the same.
+    config.data.read_threads = 2
     config.data.augment.flip = False
     # Hard negative captions (text/contrast.py): one colour, shape or place word changed or
     # two swapped, the kind of word drawn first (so a relation is edited as often as a

@@ -1,6 +1,6 @@
 """Evaluates a pipeline's models the way the paper's claims are stated, and writes a report.
 
-    python -m dalle_jax.evaluate --workdir workdirs/mini [--captions 200] [--candidates 128]
+    python -m dalle_jax.evaluate --workdir workdirs/mini [--captions 200] [--candidates 256]
         [--temperature 0.7] [--top_k 0] [--guidance 1.5,2]
 
 For the distinct captions of the `validation` split and of `heldout` (colour-shape pairs the
@@ -28,8 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", required=True,
                         help="a pipeline workdir (with dvae/, clip/ and dalle/)")
     parser.add_argument("--captions", type=int, default=200, help="distinct captions per split")
-    parser.add_argument("--candidates", type=int, default=128,
-                        help="images drawn per caption (128, as the main job's samples)")
+    parser.add_argument("--candidates", type=int, default=256,
+                        help="images drawn per caption (256, as the main job's samples)")
     parser.add_argument("--keep", type=int, default=1, help="images kept by CLIP per caption")
     parser.add_argument("--guidance", default="1.5,2", help="guidance scales, comma-separated "
                         "('' for none; 3 drew fewer matches than 2 in every run so far)")

@@ -112,6 +112,14 @@ def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini
     assert_same_batches(take(iterator, 2), in_process[2:])
 
 
+def test_read_threads_do_not_change_the_batches(mini_config, mini_tokenizer):
+    config = mini_config()
+    eight = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    config.data.read_threads = 2
+    assert_same_batches(take(pipeline.make_loader(config, "train", mini_tokenizer,
+                                                  training=True), 3), eight)
+
+
 def test_builders_of_predefined_and_custom_configs_survive_the_trip_to_a_worker_process(
         mini_config):
     import pickle
