@@ -56,9 +56,9 @@ def get_config():
     # Temperature 0.7 with guidance 1.5: on the same 16 draws of 200 validation captions, CLIP's
     # pick matched its caption for 64.5% of them, against 57.5% at temperature 1 and 58.0% at
     # 0.7 with guidance 2 (BENCHMARKS.md, 2026-12-03). 256 candidates, as the paper reranks
-    # hundreds (512): on `validation` the two CLIPs' pick matched for 87.0% of the captions
-    # from 256 draws against 83.0-85.0% from 128 (BENCHMARKS.md, session 16), and on the same
-    # draws the pick matches about 4 points more often with every doubling of N from 16 to 128;
+    # hundreds (512): on `validation` the two CLIPs' pick matched for 82.5-85.5% of the
+    # captions from 256 draws against 79.5-83.5% from 128 of the same draws (BENCHMARKS.md,
+    # session 17): each doubling of N from 8 gains 1.5-9.5 points, less as N grows;
     # drawing them costs seconds here, in batches of 128 (1.2-1.6× the images/s of 32).
     config.samples = ml_collections.ConfigDict(dict(
         prompts=PROMPTS, candidates=256, keep=4, seed=0, batch_size=128,

@@ -146,6 +146,7 @@ def run_pipeline(config, workdir: str) -> str | None:
     """Runs every stage that is not done yet; the samples directory, or None if a stage
     stopped early (run the same command again to continue)."""
     configs = validate(config, workdir)
+    start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     logging.info("pipeline stages %s in %s", tuple(configs), workdir)
     train_tokenizer(config, workdir)
@@ -155,4 +156,9 @@ def run_pipeline(config, workdir: str) -> str | None:
             return None
     if "dalle" not in configs:
         return None
-    return draw_samples(config, workdir)
+    drawing = time.perf_counter()
+    samples = draw_samples(config, workdir)
+    now = time.perf_counter()
+    print(f"[samples] {len(config.samples.prompts)} captions in {(now - drawing) / 60:.1f} min; "
+          f"this run of the pipeline took {(now - start) / 60:.1f} min", flush=True)
+    return samples

@@ -94,6 +94,8 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
     assert "[clip] already trained to step 80: skipped" in result.stdout
     assert "[grey_clip] already trained to step 40: skipped" in result.stdout
     assert "[dalle] training 30 steps from step 30" in result.stdout
+    assert "[samples] 2 captions in " in result.stdout
+    assert "this run of the pipeline took " in result.stdout
     assert f"images: {os.path.join(workdir, 'samples')}/grid_*.png" in result.stdout
 
     resumed, _ = restore.load_model(os.path.join(workdir, "dalle"), use_ema=False)
