@@ -237,7 +237,8 @@ def test_loss_is_finite_ignores_masked_rows_and_logs_its_metrics(tiny):
     loss, metrics = loss_fn(model, {"image": images, "mask": mask}, rng, step)
     assert np.isfinite(float(loss))
     assert {"nll", "kl", "kl_weight", "temperature", "mse"} <= set(metrics)
-    assert float(metrics["kl_weight"]) == pytest.approx(float(task.kl_weight(100)))
+    # rel 1e-5: the jitted float32 cosine and the eager one round differently.
+    assert float(metrics["kl_weight"]) == pytest.approx(float(task.kl_weight(100)), rel=1e-5)
     padded = images.copy()
     padded[3] = 0  # only the masked row changes
     loss2, _ = loss_fn(model, {"image": padded, "mask": mask}, rng, step)
