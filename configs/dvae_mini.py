@@ -1,8 +1,8 @@
 """The CPU-sized dVAE: 32 px synthetic_shapes -> 8×8 tokens of a 512-code book.
 
 Sized so that training on a 2-core CPU reconstructs every object's colour, shape and cell
-(12,750 steps: 14.0 min for the whole command on 2026-12-04's host, 0.060 s a step; hosts of
-this kind have run the same step at up to 0.1 s, which makes it about 23 min):
+(12,750 steps: 13.8-14.0 min for the whole command on 2026-12-04's host at 0.060 s a step;
+slower hosts of this kind have run the step at 0.093-0.157 s, which makes it 20-33 min):
 
 python train.py --config configs/dvae_mini.py --workdir workdirs/dvae_mini
 

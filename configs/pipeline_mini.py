@@ -38,7 +38,8 @@ def get_config():
     # often. The dVAE pays for them with 6000 steps instead of `dvae_mini`'s 12,750 (a dVAE of
     # 8500 steps, sharper, did not move the match rates): its KL weight rises over the first
     # 500, still falls until the last step, and its temperature reaches the end value at 65%
-    # of the run, as in the 8500-step schedule these were measured against (500, 5500/8500).
+    # of the run, as in the 8500-step schedule these were measured against (warm-up 500,
+    # temperature at its end value from step 5500 of 8500).
     config.dvae.train.steps = 6000
     config.dvae.task.kl_warmup_steps = 500
     config.dvae.task.kl_decay_steps = 5500
