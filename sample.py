@@ -1,24 +1,28 @@
-"""Images from captions with a trained transformer workdir.
+"""Images from captions with a trained transformer: its workdir, or a pipeline workdir.
 
     python sample.py --workdir workdirs/dalle_mini --prompt "a red circle above a blue square" \
         --n 8 --out samples/
     python sample.py --workdir DIR --prompts_file captions.txt --n 4 --guidance 3 --out OUT
     python sample.py --workdir DIR --prompt "..." --image photo.png --keep_rows 4 --out OUT
+    python sample.py --workdir workdirs/mini --prompt "..." --rerank 64 --keep 4
     python sample.py --workdir DIR --clip_workdir CLIP --prompt "..." --rerank 32 --keep 4
 
 Writes one PNG per image (`<prompt index>_<image index>.png`), a grid per prompt
 (`grid_<prompt index>.png`) and `samples.json` recording prompts, seeds and settings. With
 `--rerank N --keep K`, N candidates are drawn per prompt, CLIP scores them and the best K are
 written (best first); `candidates_<prompt index>.png` shows all N in drawing order and
-`samples.json` lists every candidate's score and whether it was kept.
+`samples.json` lists every candidate's score and whether it was kept. A pipeline workdir
+(the main job's) reranks with its own CLIPs unless `--clip_workdir` names others.
 A thin layer over `dalle_jax.sampling.generator.Generator`.
 """
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-flags.DEFINE_string("workdir", None, "A trained transformer's workdir.")
+from dalle_jax import cli
+
+flags.DEFINE_string("workdir", None, "A trained transformer's workdir, or a pipeline workdir.")
 flags.DEFINE_multi_string("prompt", [], "A caption to draw (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A text file with one caption per line.")
 flags.DEFINE_integer("n", 4, "Images per prompt.")
@@ -36,8 +40,9 @@ flags.DEFINE_enum("attention", "sparse", ["sparse", "dense"], "Cache reads (dens
 flags.DEFINE_integer("rerank", 0, "Draw this many candidates per prompt and keep the --keep "
                      "that CLIP scores best (0 = no reranking; then --n images are drawn).")
 flags.DEFINE_integer("keep", 1, "Images kept per prompt with --rerank.")
-flags.DEFINE_list("clip_workdir", None, "A trained CLIP's workdir (needed by --rerank); "
-                  "several, comma-separated, rerank together (a ClipCommittee).")
+flags.DEFINE_list("clip_workdir", None, "A trained CLIP's workdir for --rerank (default: a "
+                  "pipeline workdir's CLIPs); several, comma-separated, rerank together (a "
+                  "ClipCommittee).")
 flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
                   "(images over data, heads over tensor); default: one device.")
 flags.mark_flags_as_required(["workdir"])
@@ -77,7 +82,7 @@ def write_outputs(prompts, images, out: str, reranked=None) -> None:
                   extra={"workdir": os.path.abspath(FLAGS.workdir)})
 
 
-def check_counts() -> None:
+def check_counts(pipeline: bool) -> None:
     if FLAGS.n < 1:
         raise ValueError(f"--n={FLAGS.n} must be at least 1")
     if FLAGS.rerank < 0:
@@ -90,24 +95,26 @@ def check_counts() -> None:
         raise ValueError("with --rerank N --keep K, K images are kept per prompt: drop --n")
     if not 1 <= FLAGS.keep <= FLAGS.rerank:
         raise ValueError(f"--keep={FLAGS.keep} must be between 1 and --rerank={FLAGS.rerank}")
-    if not FLAGS.clip_workdir:
-        raise ValueError("--rerank needs --clip_workdir, a trained CLIP's workdir")
+    if not FLAGS.clip_workdir and not pipeline:
+        raise ValueError("--rerank needs --clip_workdir, a trained CLIP's workdir (or a "
+                         "pipeline --workdir, whose CLIPs rerank)")
 
 
 def main(argv):
     del argv
     from tqdm import tqdm
 
+    from dalle_jax import workdir as workdir_lib
     from dalle_jax.sampling.generator import Generator
 
     try:
-        check_counts()
+        check_counts(workdir_lib.is_pipeline(FLAGS.workdir))
         prompts = read_prompts()
         image = read_image()
         mesh_shape = None if FLAGS.mesh_shape is None else [int(x) for x in FLAGS.mesh_shape]
         generate = Generator.from_workdir(FLAGS.workdir, batch_size=FLAGS.batch_size,
                                           implementation=FLAGS.attention, mesh_shape=mesh_shape,
-                                          clip_workdir=FLAGS.clip_workdir if FLAGS.rerank else None)
+                                          clip_workdir=FLAGS.clip_workdir if FLAGS.rerank else [])
         settings = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         guidance=FLAGS.guidance, image=image, keep_rows=FLAGS.keep_rows,
                         keep_tokens=FLAGS.keep_tokens)
@@ -123,9 +130,9 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: {e}")
     write_outputs(prompts, images, FLAGS.out, reranked)
-    logging.warning("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
+    logging.info("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
     print(f"images in {os.path.abspath(FLAGS.out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

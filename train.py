@@ -11,8 +11,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves TFDS only: keep it quiet.
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from dalle_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                 lock_config=True)
@@ -22,14 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        # Library INFO lines (TFDS, Orbax) would bury the progress bar; -v 0 brings them back.
-        logging.set_verbosity(logging.WARNING)
-    from dalle_jax import run  # After flag parsing: --help stays fast.
+    # Imported after flag parsing: --help stays fast.
+    from dalle_jax import pipeline
+    from dalle_jax.training import setup
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    from dalle_jax import pipeline
-
     if pipeline.is_pipeline(config):
         samples = pipeline.run_pipeline(config, workdir)
         if samples is not None:
@@ -37,13 +36,11 @@ def main(argv):
                   "samples.json says which is which)")
         return
     if config.task.name:
-        from dalle_jax.training import loop
-
-        state = loop.train(config, workdir)
+        state = pipeline.train_stage(config, workdir)
         print(f"trained {config.task.name} to step {int(state.step)}; logs, image grids and "
               f"checkpoints are in {workdir}")
         return
-    report = run.input_report(config, workdir)
+    report = setup.input_report(config, workdir)
     print(f"mesh {report['mesh']}, tokenizer {report['tokenizer']['path']} "
           f"({report['tokenizer']['vocab_size']} pieces)")
     for key, spec in report["batch"].items():
@@ -55,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -52,9 +52,9 @@ def bench_config():
 
 def reference_rate(config, source, tokenizer, count: int) -> float:
     """Examples/s of the per-example work in a plain loop: the same-run yardstick."""
-    from dalle_jax.data import pipeline
+    from dalle_jax.data import input_pipeline
 
-    prepare = pipeline.PrepareExample(config.data, config.text, tokenizer, training=True)
+    prepare = input_pipeline.PrepareExample(config.data, config.text, tokenizer, training=True)
     start = time.perf_counter()
     for i in range(count):
         prepare.random_map(source[i % len(source)], np.random.default_rng(i))
@@ -65,13 +65,13 @@ def main(argv):
     del argv
     import jax
 
-    from dalle_jax import run
-    from dalle_jax.data import pipeline, sources
+    from dalle_jax.training import setup
+    from dalle_jax.data import input_pipeline, sources
     from dalle_jax.sharding import mesh as mesh_lib
 
     config = bench_config()
     workdir = tempfile.mkdtemp(prefix="bench_input_")
-    mesh, tokenizer = run.setup(config, workdir)
+    mesh, tokenizer = setup.setup(config, workdir)
     mesh = mesh_lib.build_mesh(config.mesh, devices=jax.devices()[:1])
     source = sources.data_source(sources.prepared_builder(config.data), "train")
     reference = reference_rate(config, source, tokenizer, count=FLAGS.batches * FLAGS.batch_size // 2)
@@ -83,8 +83,8 @@ def main(argv):
     print("|---|---|---|")
     for workers in [int(w) for w in FLAGS.workers.split(",")]:
         config.data.workers = workers
-        batches = pipeline.global_batches(config, "train", mesh, tokenizer, training=True)
-        result = pipeline.measure_throughput(batches, FLAGS.batches, warmup=3)
+        batches = input_pipeline.global_batches(config, "train", mesh, tokenizer, training=True)
+        result = input_pipeline.measure_throughput(batches, FLAGS.batches, warmup=3)
         batches.close()
         rate = result["examples_per_second"]
         print(f"| {workers} | {rate:.0f} | {rate / reference:.2f} |", flush=True)

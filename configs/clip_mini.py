@@ -5,16 +5,11 @@ python train.py --config configs/clip_mini.py --workdir workdirs/clip_mini
 No flips (captions say "left of"); the caption tokenizer is trained into the workdir as for
 the transformer (same vocabulary size and length as configs/dalle_mini.py).
 
-Image tower: 8×8-pixel patches, width 128: a quarter of the earlier 4×4 patches' tokens, four
-times the width, the same step time. Measured 2026-12-03 (3,000 steps each, EMA weights,
-`python -m dalle_jax.evaluation.retrieval` on 1,000 validation images; BENCHMARKS.md), this
-config against the 4×4 patches at width 64 with the same negatives: zero-shot shape 96.9%
-(91.4%), position 100% (98.8%), relation 62.5% (52.6%; chance 50%); reranking the same 16
-draws of 200 `validation` captions picked a match for 57.5% of them (52.5%). Relations stay
-weak at 3,000 steps (62-67%); they are learned late: 6,000 steps read 94.8% and picked a match
-for 80.5% of `validation` captions from 32 draws (72.5% with this config), so the main job
-(configs/pipeline_mini.py) trains this config for 6,000 steps (BENCHMARKS.md, "CLIP is
-under-trained").
+Image tower: 8×8-pixel patches at width 128, which read shapes, places and relations better
+than 4×4 patches at width 64 in the same step time (BENCHMARKS.md, "What was tried and did not
+help"). Relations are learned late, after about 3,000 steps, so the main job
+(configs/pipeline_mini.py) trains this config for 6,000 (BENCHMARKS.md, "CLIP quality:
+retrieval and zero-shot").
 """
 from dalle_jax import config_lib
 
@@ -26,8 +21,7 @@ def get_config():
     config.data.image_size = 32
     config.data.batch_size = 64
     # Two read threads, not eight: on the 2-core CPU the loader's Python threads compete with
-    # the step, and 300-step runs alternating the two took 0.77-0.96× the time per step with
-    # two (BENCHMARKS.md, session 16). The batches are the same.
+    # the step (BENCHMARKS.md, "CLIP speed"). The batches are the same.
     config.data.read_threads = 2
     config.data.augment.flip = False
     # Hard negative captions (text/contrast.py): one colour, shape or place word changed or

@@ -4,7 +4,8 @@
 Sharded for a pod: FSDP over groups of 128 devices (d_model 3968 = 128·31, so 128 is the widest
 FSDP split of the parameters), data parallel across groups, every layer rematerialised. On a
 256-chip slice that is mesh (2, 128, 1): 12.4 GiB per chip at the peak of the train step by
-`python -m dalle_jax.plan --config configs/dalle_12b.py --devices 256` (BENCHMARKS.md).
+`python -m dalle_jax.plan --config configs/dalle_12b.py --devices 256` (BENCHMARKS.md,
+"Ahead-of-time plans for pods").
 
 Point it at real data, e.g. --config.data.name=coco_captions
 --config.data.caption_key=captions/text, or --config.data.name=caption_folder

@@ -21,9 +21,9 @@ def get_config():
     config.model.update(dict(
         grid_size=8, image_vocab_size=512, d_model=128, num_heads=4, head_dim=32, mlp_dim=512,
         depth=4, conv_kernel=5,
-        # The four layers unrolled: the loop over layers sliced and stacked each layer's
-        # parameters and activations, 10% of the train step on the 2-core CPU (333 -> 299 ms,
-        # BENCHMARKS.md "Transformer train step").
+        # The four layers unrolled: the loop over layers, which slices and stacks each layer's
+        # parameters and activations, cost 10% of the train step on the 2-core CPU
+        # (BENCHMARKS.md, "Transformer train step and compile time").
         scan_unroll=4))
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 100

@@ -1,32 +1,28 @@
 """The CPU-sized dVAE: 32 px synthetic_shapes -> 8×8 tokens of a 512-code book.
 
 Sized so that training on a 2-core CPU reconstructs every object's colour, shape and cell
-(12,750 steps: 13.8-14.0 min for the whole command on 2026-12-04's host at 0.060 s a step;
-slower hosts of this kind have run the step at 0.093-0.157 s, which makes it 20-33 min):
+(12,750 steps: about 14 minutes on a fast host, 20-33 on slower ones; BENCHMARKS.md, "dVAE
+quality: objects kept"):
 
 python train.py --config configs/dvae_mini.py --workdir workdirs/dvae_mini
 
-(The main job, configs/pipeline_mini.py, trains it for 6000 steps with its schedules shortened
-to fit: objects kept 97.8% of 500 validation images, to give CLIP more steps.)
+(The main job, configs/pipeline_mini.py, trains it for 6000 steps with its schedules shortened,
+to give CLIP more steps.)
 
 Three departures from the paper's recipe, all measured on this data:
 
 - The NLL is weighted by stop_gradient(b) (`nll_scale_power` = 1; with the paper's p = 0 the
   decoder gave objects a large scale b and stopped learning their colours within this budget).
-- The KL weight rises to 0.5 rather than 6.6. A 4×4-pixel token carries a quarter of the
-  paper's 8×8 token's pixel-channels, so the same β taxes its information 4× harder; on top of
-  that the b-weighting scales the reconstruction term by b (median ≈ 0.05 here), so β acts ~20×
-  stronger than its face value. At 6.6 colours were lost.
+- The KL weight rises to 0.5 rather than 6.6: a 4×4-pixel token carries a quarter of the
+  paper's 8×8 token's pixel-channels, and the b-weighting scales the reconstruction term by b
+  (median ≈ 0.05 here), so β acts far stronger than its face value; at 6.6 colours were lost.
 - The KL weight then falls to 0.05 (`kl_weight_end`, over `kl_decay_steps`): once the codebook
   is in use, a weaker KL lets the encoder's posterior sharpen, so the codes the decoder trains
   on are the argmax codes it is given at inference.
 
-Measured on the 1000 validation images (`python -m dalle_jax.evaluation.reconstruction`; table
-and failure analysis in BENCHMARKS.md): objects kept 1.000, PSNR 32.4 dB, 67% of codes used.
-The same schedules squeezed into 8,500 steps kept 0.997 (three squares whose corners came back
-rounded enough to read as circles), and so did learning rate 3e-3 and batch 8 over 17,000
-steps; two blocks per group kept 0.998. The learning rate of 2e-3 (at 1e-3: 0.973) and then
-the steps are what took it there.
+The learning rate of 2e-3 and the 12,750 steps are what keep every object in all 1000
+validation reconstructions (BENCHMARKS.md, "dVAE quality: objects kept"; other settings under
+"What was tried and did not help").
 """
 from dalle_jax import config_lib
 

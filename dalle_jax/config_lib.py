@@ -171,13 +171,20 @@ def clip_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def configs_dir() -> str:
+    """Where the named configs are: the installed package's `dalle_jax.configs`, or, running
+    from a checkout that is not installed, its top-level configs/."""
+    spec = importlib.util.find_spec("dalle_jax.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def load(name_or_path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of `configs/<name>.py` (e.g. "dvae_mini") or of any config file's path."""
+    """`get_config()` of the named config (e.g. "dvae_mini": configs/dvae_mini.py) or of any
+    config file's path."""
     path = name_or_path if name_or_path.endswith(".py") else os.path.join(
-        CONFIGS_DIR, f"{name_or_path}.py")
+        configs_dir(), f"{name_or_path}.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)

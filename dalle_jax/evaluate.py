@@ -13,39 +13,74 @@ Writes `evaluation/report.md`, `report.json` and one image grid per split and se
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
 import re
+import sys
 import time
+
+from absl import flags
+from PIL import Image
+
+from dalle_jax import cli
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data.examples import load_examples
+from dalle_jax.evaluation import captions as captions_lib
+from dalle_jax.evaluation.reconstruction import reconstruction_report
+from dalle_jax.evaluation.retrieval import retrieval_report
+from dalle_jax.sampling.generator import Generator, Settings
+from dalle_jax.sampling.outputs import grid_of, to_pixels
 
 SPLITS = ("validation", "heldout")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True,
-                        help="a pipeline workdir (with dvae/, clip/ and dalle/)")
-    parser.add_argument("--captions", type=int, default=200, help="distinct captions per split")
-    parser.add_argument("--candidates", type=int, default=256,
-                        help="images drawn per caption (256, as the main job's samples)")
-    parser.add_argument("--keep", type=int, default=1, help="images kept by CLIP per caption")
-    parser.add_argument("--guidance", default="1.5,2", help="guidance scales, comma-separated "
-                        "('' for none; 3 drew fewer matches than 2 in every run so far)")
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="sampling temperature of every setting (0.7, as the main job's "
-                             "samples; 1 draws from the model's own distribution)")
-    parser.add_argument("--top_k", type=int, default=0,
-                        help="sample among the k likeliest image tokens (0 = all)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus cut (1 = none)")
-    parser.add_argument("--batch_size", type=int, default=128,
-                        help="images per compiled call (128 draws 1.2-1.6x the images/s of 32 "
-                             "on a 2-core CPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reference_examples", type=int, default=500,
-                        help="validation examples for the dVAE and CLIP figures")
-    return parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    captions: int = 200  # distinct captions per split
+    candidates: int = 256  # images drawn per caption, as the main job's samples
+    keep: int = 1  # images kept by CLIP per caption
+    guidance: tuple[float, ...] = (1.5, 2.0)  # guidance scales besides plain sampling
+    temperature: float = 0.7  # as the main job's samples; 1 = the model's own distribution
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 128  # images per compiled call
+    seed: int = 0
+    reference_examples: int = 500  # validation examples for the dVAE and CLIP figures
+
+    def check(self) -> None:
+        """A one-line ValueError for the first bad value, before any model is loaded."""
+        Settings(self.temperature, self.top_k, self.top_p)
+        if self.captions < 1 or self.candidates < 1 or self.batch_size < 1:
+            raise ValueError(f"captions={self.captions}, candidates={self.candidates} and "
+                             f"batch_size={self.batch_size} must be positive")
+        if not 1 <= self.keep <= self.candidates:
+            raise ValueError(f"keep={self.keep} must be between 1 and candidates="
+                             f"{self.candidates}")
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (importing the module defines none)."""
+    defaults = Options()
+    flags.DEFINE_string("workdir", None, "A pipeline workdir (with dvae/, clip/ and dalle/).")
+    flags.DEFINE_integer("captions", defaults.captions, "Distinct captions per split.")
+    flags.DEFINE_integer("candidates", defaults.candidates,
+                         "Images drawn per caption (256, as the main job's samples).")
+    flags.DEFINE_integer("keep", defaults.keep, "Images kept by CLIP per caption.")
+    flags.DEFINE_list("guidance", [f"{g:g}" for g in defaults.guidance],
+                      "Guidance scales besides plain sampling, comma-separated ('' for none).")
+    flags.DEFINE_float("temperature", defaults.temperature,
+                       "Sampling temperature of every setting (0.7, as the main job's samples; "
+                       "1 draws from the model's own distribution).")
+    flags.DEFINE_integer("top_k", defaults.top_k, "Sample among the k likeliest image tokens "
+                         "(0 = all).")
+    flags.DEFINE_float("top_p", defaults.top_p, "Nucleus cut (1 = none).")
+    flags.DEFINE_integer("batch_size", defaults.batch_size, "Images per compiled call.")
+    flags.DEFINE_integer("seed", defaults.seed, "Seed of the first setting's draws.")
+    flags.DEFINE_integer("reference_examples", defaults.reference_examples,
+                         "Validation examples for the dVAE and CLIP figures.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def slug(name: str) -> str:
@@ -53,10 +88,6 @@ def slug(name: str) -> str:
 
 
 def write_grids(out: str, split: str, images: dict, rows: int = 8) -> dict[str, str]:
-    from PIL import Image
-
-    from dalle_jax.sampling.outputs import grid_of, to_pixels
-
     files = {}
     for name, per_caption in images.items():
         chosen = per_caption[:rows]
@@ -89,8 +120,7 @@ def best_of_table(rates: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    from dalle_jax.evaluation.captions import ATTRIBUTES
-
+    attributes = captions_lib.ATTRIBUTES
     settings = report["settings"]
     lines = [f"# Evaluation of {report['workdir']}", "",
              f"{settings['candidates']} images per caption, temperature "
@@ -98,11 +128,11 @@ def markdown(report: dict) -> str:
              f"{settings['top_p']:g}, seed {settings['seed']}.", ""]
     for split, result in report["splits"].items():
         lines += [f"## `{split}`: {result['captions']} captions", "",
-                  "| setting | images | " + " | ".join(ATTRIBUTES) + " | any draw matches |",
-                  "|---|---|" + "---|" * (len(ATTRIBUTES) + 1)]
+                  "| setting | images | " + " | ".join(attributes) + " | any draw matches |",
+                  "|---|---|" + "---|" * (len(attributes) + 1)]
         for name, rates in result["rates"].items():
             lines.append(f"| {name} | {rates['images']} | "
-                         + " | ".join(percent(rates[a]) for a in ATTRIBUTES)
+                         + " | ".join(percent(rates[a]) for a in attributes)
                          + f" | {percent(rates.get('any_match'))} |")
         lines += [""] + best_of_table(result["rates"])
         lines += ["Grids: " + ", ".join(f"[{n}]({f})" for n, f in result["grids"].items()), ""]
@@ -123,50 +153,33 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    from dalle_jax import pipeline
-    from dalle_jax.evaluation import captions as captions_lib
-    from dalle_jax.evaluation.examples import load_examples
-    from dalle_jax.evaluation.reconstruction import reconstruction_report
-    from dalle_jax.evaluation.retrieval import retrieval_report
-    from dalle_jax.models.codec import ImageCodec
-    from dalle_jax.sampling.generator import Generator, Settings
-    from dalle_jax.training.restore import load_config
-
-    args = parse_args(argv)
-    dalle_dir = os.path.join(args.workdir, "dalle")
-    try:
-        guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
-        Settings(args.temperature, args.top_k, args.top_p)  # a bad value fails before loading
-        if not 1 <= args.keep <= args.candidates:
-            raise ValueError(f"--keep={args.keep} must be between 1 and --candidates="
-                             f"{args.candidates}")
-        generate = Generator.from_workdir(dalle_dir, batch_size=args.batch_size,
-                                          clip_workdir=pipeline.clip_workdirs(args.workdir))
-        config = load_config(dalle_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"evaluate: {e}") from None
-    out = os.path.join(args.workdir, "evaluation")
+def evaluate(workdir: str, options: Options = Options()) -> dict:
+    """Draws, judges and reports as the module doc says; the report (also written to
+    `workdir/evaluation/`)."""
+    options.check()
+    generate = Generator.from_workdir(workdir, batch_size=options.batch_size)
+    config = workdir_lib.read_config(workdir_lib.transformer_and_rerankers(workdir)[0])
+    out = os.path.join(workdir, "evaluation")
     os.makedirs(out, exist_ok=True)
-    report = {"workdir": os.path.abspath(args.workdir), "settings": vars(args), "splits": {}}
+    report = {"workdir": os.path.abspath(workdir), "settings": dataclasses.asdict(options),
+              "splits": {}}
     start = time.time()
     for split in SPLITS:
         examples = load_examples(config, split)
-        chosen = captions_lib.distinct_captions(examples.captions, args.captions)
+        chosen = captions_lib.distinct_captions(examples.captions, options.captions)
 
         def show(name, rates, split=split):
             print(f"[{split}] {name}: match {percent(rates['match'])} "
                   f"({(time.time() - start) / 60:.1f} min)", flush=True)
 
         rates, images = captions_lib.evaluate_captions(
-            generate, chosen, candidates=args.candidates, keep=args.keep,
-            guidance_scales=guidance, seed=args.seed, on_rates=show,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+            generate, chosen, candidates=options.candidates, keep=options.keep,
+            guidance_scales=options.guidance, seed=options.seed, on_rates=show,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
         report["splits"][split] = {"captions": len(chosen), "rates": rates,
                                    "grids": write_grids(out, split, images)}
-    reference = load_examples(config, limit=args.reference_examples)
-    dvae = reconstruction_report(ImageCodec.from_workdir(config.task.dvae_workdir),
-                                 reference.images, reference.objects)
+    reference = load_examples(config, limit=options.reference_examples)
+    dvae = reconstruction_report(generate.codec, reference.images, reference.objects)
     report["dvae"] = {k: v for k, v in dvae.items() if k != "failures"}
     if generate.scorer is not None:
         report["clip"] = retrieval_report(generate.scorer, reference)
@@ -180,5 +193,27 @@ def main(argv=None):
     return report
 
 
+def guidance_scales(values: list[str]) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in values if value.strip())
+    except ValueError:
+        raise ValueError(f"--guidance={','.join(values)} must be comma-separated numbers") from None
+
+
+def main(argv) -> None:
+    del argv
+    options = Options(
+        captions=flags.FLAGS.captions, candidates=flags.FLAGS.candidates, keep=flags.FLAGS.keep,
+        temperature=flags.FLAGS.temperature, top_k=flags.FLAGS.top_k, top_p=flags.FLAGS.top_p,
+        batch_size=flags.FLAGS.batch_size, seed=flags.FLAGS.seed,
+        reference_examples=flags.FLAGS.reference_examples)
+    try:
+        options = dataclasses.replace(options, guidance=guidance_scales(flags.FLAGS.guidance))
+        evaluate(flags.FLAGS.workdir, options)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluate: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main)

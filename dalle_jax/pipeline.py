@@ -13,6 +13,8 @@ workdir:
                          `config.stages` to rerank with `clip/` alone)
     samples/             best-of-N images for `config.samples.prompts`, reranked by the CLIPs
 
+(`dalle_jax/workdir.py` knows this layout and reads it back.)
+
 A stage whose checkpoint has reached its `train.steps` is skipped; an interrupted one resumes
 where it stopped (the loop's own resume), and a stage stopped by SIGTERM stops the pipeline,
 so running the same command again continues it.
@@ -25,15 +27,37 @@ import time
 import ml_collections
 from absl import logging
 
-STAGES = ("dvae", "clip", "grey_clip", "dalle")
-# The CLIPs that rerank the samples, together (models/scorer.py, ClipCommittee): the CLIP and
-# one trained on grey views only, which reads shapes whatever their colour.
-CLIP_STAGES = ("clip", "grey_clip")
-TOKENIZER_FILENAME = "tokenizer.model"
+from dalle_jax import config_lib, tasks
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import dvae as dvae_model
+from dalle_jax.sampling.generator import Generator
+from dalle_jax.sampling.outputs import write_samples
+from dalle_jax.sharding import mesh as mesh_lib
+from dalle_jax.tasks.task import Task
+from dalle_jax.training import loop, setup
+
+STAGES = workdir_lib.PIPELINE_STAGES
 
 
 def is_pipeline(config) -> bool:
     return "stages" in config
+
+
+def make_task(config) -> Task:
+    """The task of a stage's config, given what it needs from an earlier stage: the trained
+    dVAE of `config.task.dvae_workdir` (EMA weights, computing in this run's dtype)."""
+    dvae = None
+    if config.task.get("dvae_workdir"):
+        dvae = workdir_lib.Run(config.task.dvae_workdir, expect="dvae").load_model(
+            dvae_model.from_config, dtype=config.train.compute_dtype)
+    return tasks.get_task(config, dvae=dvae)
+
+
+def train_stage(config, workdir: str, *, root: str | None = None, **kwargs):
+    """Trains one stage's config in `workdir` (the loop's `train`, with the stage's task).
+    The hosts join first: a task's trained inputs load only after that."""
+    mesh_lib.initialize_distributed(config)
+    return loop.train(config, workdir, make_task(config), root=root, **kwargs)
 
 
 def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
@@ -47,9 +71,9 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
         stage_config = config[stage].copy_and_resolve_references()
         with stage_config.unlocked():
             stage_config.text.update(config.text.to_dict())
-            stage_config.text.tokenizer = os.path.join(workdir, TOKENIZER_FILENAME)
+            stage_config.text.tokenizer = os.path.join(workdir, workdir_lib.TOKENIZER_FILENAME)
             if stage == "dalle":
-                stage_config.task.dvae_workdir = os.path.join(workdir, "dvae")
+                stage_config.task.dvae_workdir = workdir_lib.pipeline_stage(workdir, "dvae")
         configs[stage] = stage_config
     if "dalle" in configs and "dvae" not in configs:
         raise ValueError("config.stages has 'dalle' without 'dvae': the transformer needs the "
@@ -60,8 +84,6 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
 def validate(config, workdir: str = "") -> dict[str, ml_collections.ConfigDict]:
     """The stage configs, each checked before any stage runs: a bad value in the last stage
     is an error now, not after the first stages have trained."""
-    from dalle_jax import config_lib
-
     configs = stage_configs(config, workdir)
     for stage, stage_config in configs.items():
         try:
@@ -71,64 +93,37 @@ def validate(config, workdir: str = "") -> dict[str, ml_collections.ConfigDict]:
     return configs
 
 
-def trained_steps(workdir: str) -> int:
-    """The latest checkpointed step of a stage's workdir (0 when it has none)."""
-    from dalle_jax.training import checkpoint
-
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-        return 0
-    mgr = checkpoint.manager(workdir, read_only=True)
-    try:
-        return mgr.latest_step() or 0
-    finally:
-        mgr.close()
-
-
 def train_tokenizer(config, workdir: str) -> None:
     """The shared tokenizer, trained on the first stage's training captions (all stages read
     the same data set)."""
-    from dalle_jax import run
-
     first = config[config.stages[0]].copy_and_resolve_references()
     with first.unlocked():
         first.text.update(config.text.to_dict())
         first.text.tokenizer = ""
-    run.load_or_train_tokenizer(first, workdir)
+    setup.load_or_train_tokenizer(first, workdir)
 
 
-def run_stage(stage: str, config, workdir: str) -> bool:
+def run_stage(stage: str, config, workdir: str, root: str) -> bool:
     """Trains one stage to its end; False if it stopped early (SIGTERM, a time slot)."""
-    from dalle_jax.training import loop
-
-    done = trained_steps(workdir)
+    done = workdir_lib.latest_step(workdir) or 0
     if done >= config.train.steps:
-        print(f"[{stage}] already trained to step {done}: skipped ({workdir})")
+        logging.info("[%s] already trained to step %d: skipped (%s)", stage, done, workdir)
         return True
-    print(f"[{stage}] training {config.train.steps - done} steps"
-          f"{f' from step {done}' if done else ''} -> {workdir}", flush=True)
+    logging.info("[%s] training %d steps%s -> %s", stage, config.train.steps - done,
+                 f" from step {done}" if done else "", workdir)
     start = time.perf_counter()
-    state = loop.train(config, workdir)
+    state = train_stage(config, workdir, root=root)
     step = int(state.step)
-    print(f"[{stage}] step {step} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    logging.info("[%s] step %d in %.1f min", stage, step, (time.perf_counter() - start) / 60)
     return step >= config.train.steps
-
-
-def clip_workdirs(workdir: str) -> list[str]:
-    """The CLIP stages a pipeline workdir holds (clip/, grey_clip/): its rerankers."""
-    return [os.path.join(workdir, stage) for stage in CLIP_STAGES
-            if os.path.isfile(os.path.join(workdir, stage, "config.json"))]
 
 
 def draw_samples(config, workdir: str) -> str:
     """Best-of-N samples for `config.samples.prompts`, reranked by the pipeline's CLIPs."""
-    from dalle_jax.sampling.generator import Generator
-    from dalle_jax.sampling.outputs import write_samples
-
     s = config.samples
-    clip_workdir = [os.path.join(workdir, stage) for stage in CLIP_STAGES
-                    if stage in config.stages]
-    generate = Generator.from_workdir(os.path.join(workdir, "dalle"), batch_size=s.batch_size,
-                                      clip_workdir=clip_workdir)
+    clip_workdir = [workdir_lib.pipeline_stage(workdir, stage)
+                    for stage in workdir_lib.RERANKER_STAGES if stage in config.stages]
+    generate = Generator.from_workdir(workdir, batch_size=s.batch_size, clip_workdir=clip_workdir)
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, guidance=s.guidance)
     prompts = list(s.prompts)
     out = os.path.join(workdir, "samples")
@@ -151,14 +146,16 @@ def run_pipeline(config, workdir: str) -> str | None:
     logging.info("pipeline stages %s in %s", tuple(configs), workdir)
     train_tokenizer(config, workdir)
     for stage, stage_config in configs.items():
-        if not run_stage(stage, stage_config, os.path.join(workdir, stage)):
-            print(f"[{stage}] stopped before its last step; run the same command to continue")
+        stage_dir = workdir_lib.pipeline_stage(workdir, stage)
+        if not run_stage(stage, stage_config, stage_dir, root=workdir):
+            logging.warning("[%s] stopped before its last step; run the same command to "
+                            "continue", stage)
             return None
     if "dalle" not in configs:
         return None
     drawing = time.perf_counter()
     samples = draw_samples(config, workdir)
     now = time.perf_counter()
-    print(f"[samples] {len(config.samples.prompts)} captions in {(now - drawing) / 60:.1f} min; "
-          f"this run of the pipeline took {(now - start) / 60:.1f} min", flush=True)
+    logging.info("[samples] %d captions in %.1f min; this run of the pipeline took %.1f min",
+                 len(config.samples.prompts), (now - drawing) / 60, (now - start) / 60)
     return samples

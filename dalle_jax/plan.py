@@ -11,8 +11,9 @@ XLA's cost analysis and by the model's formula, and the tokens/s that a given MF
 named chips. The byte counts are XLA's CPU buffer assignment for the same sharded program: a
 planning estimate for an accelerator, whose compiler fuses and schedules differently.
 
-A transformer's plan needs its dVAE's shapes only: `--dvae_config` (default: the paper's
-configs/dvae.py) stands in for the trained dVAE of `config.task.dvae_workdir`.
+A task that reads image tokens (the transformer) needs its dVAE's shapes only: `--dvae_config`
+(default: the paper's configs/dvae.py) stands in for the trained dVAE of
+`config.task.dvae_workdir`. The step is the training loop's own (`loop.plan_step`).
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
-from dalle_jax import config_lib, tasks
+from dalle_jax import cli, config_lib, tasks
+from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sharding import logical, mesh as mesh_lib
-from dalle_jax.tasks.dalle import DalleTask
-from dalle_jax.training import loop, optimizer, state as state_lib, step as step_lib
+from dalle_jax.training import loop
 
 GiB = 2**30
 
@@ -98,42 +100,27 @@ def abstract_batch(config, mesh, rules) -> dict:
             for k, (shape, dtype) in shapes.items()}
 
 
-def make_task(config, dvae_config):
-    if config.task.name == "dalle":
-        return DalleTask(config, dvae_model_config=dvae_config.model)
-    return tasks.get_task(config)
-
-
-def abstract_frozen(task, mesh, rules):
-    """The task's frozen inputs as sharded ShapeDtypeStructs (None for tasks without any)."""
-    if not hasattr(task, "abstract_frozen_state"):
-        return None
-    frozen = task.abstract_frozen_state()
-    shardings = logical.state_shardings(frozen, mesh, rules)
-    return state_lib.abstract_arrays(frozen, shardings)
+def abstract_dvae(dvae_config, compute_dtype: str):
+    """The shapes of a dVAE of `dvae_config`, computing in the planned run's dtype."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: dvae_model.from_config(dvae_config, nnx.Rngs(0),
+                                                             dtype=compute_dtype))
 
 
 def make_plan(config, dvae_config=None, devices=None, config_name: str = ""):
     """(Plan, compiled step) of `config`'s train step on `devices` (default: all)."""
     config_lib.validate(config)
     mesh = mesh_lib.build_mesh(config.mesh, devices)
-    rules = logical.normalize_rules(config.sharding.rules)
-    logical.validate_rules(rules, mesh.axis_names)
-    task = make_task(config, dvae_config or config_lib.load("dvae"))
-    tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    graphdef, state, _ = state_lib.plan_train_state(
-        task, tx, mesh, rules, seed=config.seed, ema=config.optimizer.ema_decay > 0)
-    shardings = jax.tree.map(lambda a: a.sharding, state)
-    train_step = step_lib.make_train_step(task, tx, schedule, graphdef, config)
-    compiled = loop.compile_train_step(train_step, state, abstract_batch(config, mesh, rules),
-                                       abstract_frozen(task, mesh, rules), shardings, mesh, rules)
+    logical.validate_rules(config.sharding.rules, mesh.axis_names)
+    dvae = abstract_dvae(dvae_config or config_lib.load("dvae"), config.train.compute_dtype)
+    task = tasks.get_task(config, dvae=dvae)
+    step = loop.plan_step(config, task, mesh)
+    state = step.abstract_state
+    compiled = step.compile(state, abstract_batch(config, mesh, step.rules))
     memory = compiled.memory_analysis()
-    per_example = getattr(task, "flops_per_example", None)
-    model_config = getattr(task, "model_config", None)
     plan = Plan(
         config_name=config_name, mesh=dict(mesh.shape), global_batch=config.data.batch_size,
-        tokens_per_example=(model_config.text_length + model_config.image_length
-                            if config.task.name == "dalle" else 1),
+        tokens_per_example=task.tokens_per_example(),
         param_bytes=per_device_bytes(state.params),
         ema_bytes=0 if state.ema is None else per_device_bytes(state.ema),
         optimizer_bytes=per_device_bytes(state.opt_state),
@@ -141,7 +128,7 @@ def make_plan(config, dvae_config=None, devices=None, config_name: str = ""):
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         peak_bytes=peak_bytes(memory),
         xla_flops_per_device=loop.flops_per_step(compiled),
-        model_flops_per_step=(per_example() * config.data.batch_size) if per_example else 0.0)
+        model_flops_per_step=(task.flops_per_example() or 0.0) * config.data.batch_size)
     return plan, compiled
 
 
@@ -216,4 +203,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

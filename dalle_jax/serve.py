@@ -13,7 +13,9 @@ import contextlib
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from dalle_jax import cli
 
 flags.DEFINE_string("workdir", None, "A pipeline workdir, or a trained transformer's workdir.")
 flags.DEFINE_string("clip_workdir", None, "A trained CLIP's workdir, for `rerank` (default: "
@@ -85,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

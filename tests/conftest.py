@@ -58,9 +58,9 @@ def mini_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mini_tokenizer(mini_config, tmp_path_factory):
-    from dalle_jax import run
+    from dalle_jax.training import setup
 
-    return run.load_or_train_tokenizer(mini_config(), str(tmp_path_factory.mktemp("run")))
+    return setup.load_or_train_tokenizer(mini_config(), str(tmp_path_factory.mktemp("run")))
 
 
 def tiny_pipeline_config(mini_config):
@@ -120,8 +120,10 @@ def tiny_dalle_config(mini_config, pipeline_workdir):
 @pytest.fixture(scope="session")
 def dalle_initial_metrics(mini_config, pipeline_run, tmp_path_factory):
     """The tiny transformer's validation metrics at initialisation."""
+    from dalle_jax import pipeline
     from dalle_jax.training import loop
 
     config = tiny_dalle_config(mini_config, pipeline_run)
-    trainer = loop.Trainer(config, str(tmp_path_factory.mktemp("dalle_init")))
-    return trainer.evaluate(trainer._init())
+    trainer = loop.Trainer(config, str(tmp_path_factory.mktemp("dalle_init")),
+                           pipeline.make_task(config))
+    return trainer.evaluate(trainer.init_state())

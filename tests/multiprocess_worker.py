@@ -15,8 +15,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 
 def main(process_id, num_processes, port, data_dir, workdir, out):
-    from dalle_jax import config_lib, run
-    from dalle_jax.data import pipeline
+    from dalle_jax import config_lib
+    from dalle_jax.training import setup
+    from dalle_jax.data import input_pipeline
 
     config = config_lib.base_config()
     config.data.data_dir = data_dir
@@ -25,9 +26,9 @@ def main(process_id, num_processes, port, data_dir, workdir, out):
     config.distributed.update(dict(
         enabled=True, coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
         process_id=process_id, cpu_collectives="gloo"))
-    mesh, tokenizer = run.setup(config, workdir)
+    mesh, tokenizer = setup.setup(config, workdir)
     assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
-    with pipeline.global_batches(config, "train", mesh, tokenizer, training=True) as batches:
+    with input_pipeline.global_batches(config, "train", mesh, tokenizer, training=True) as batches:
         gathered = [multihost_utils.process_allgather(next(batches), tiled=True) for _ in range(2)]
     np.savez(out, **{f"{k}{i}": np.asarray(v) for i, b in enumerate(gathered) for k, v in b.items()})
     jax.distributed.shutdown()

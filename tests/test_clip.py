@@ -10,15 +10,16 @@ import pytest
 from flax import nnx
 
 from dalle_jax import config_lib
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data.examples import load_examples
 from dalle_jax.evaluation import retrieval
-from dalle_jax.evaluation.examples import load_examples
-from dalle_jax.models.scorer import ClipScorer
 from dalle_jax.models import clip
+from dalle_jax.models.scorer import ClipScorer
 from dalle_jax.sharding import logical
 from dalle_jax.sharding.mesh import build_mesh
 from dalle_jax.tasks import clip as clip_task
-from dalle_jax.tasks import get_task
-from dalle_jax.training import metrics as metrics_lib, restore
+from dalle_jax.tasks import get_task, zero_shot
+from dalle_jax.training import metrics as metrics_lib
 
 
 def small_config(**model):
@@ -366,22 +367,19 @@ def test_short_training_raises_recall_above_chance(clip_run):
 
     # The loop's zero-shot figures are those of the saved model, evaluated afresh.
     scorer = ClipScorer.from_workdir(workdir)
-    examples = load_examples(restore.load_config(workdir))
-    result = retrieval.zero_shot_accuracy(scorer, examples.images, examples.objects)
+    examples = load_examples(workdir_lib.read_config(workdir))
+    result = zero_shot.zero_shot_accuracy(scorer, examples.images, examples.objects)
     assert 20 < result["count"] < 80  # about half of the 100 validation images
     for name in ("colour", "shape", "position", "relation"):
         assert final[f"eval/zero_shot_{name}_accuracy"] == pytest.approx(
             result[f"{name}_accuracy"])
 
 
-def test_retrieval_command_reports_recall_and_zero_shot(clip_run, capsys):
-    import json
-
-    retrieval.main(["--workdir", clip_run, "--batch", "32"])
-    report = json.loads(capsys.readouterr().out)
+def test_retrieval_report_of_a_workdir_gives_recall_and_zero_shot(clip_run):
+    report = retrieval.report_for_workdir(clip_run, batch=32)
     assert report["examples"] == 100
     scorer = ClipScorer.from_workdir(clip_run)
-    examples = load_examples(restore.load_config(clip_run))
+    examples = load_examples(workdir_lib.read_config(clip_run))
     sims = scorer.similarity(examples.images, examples.captions)
     relevant = retrieval.same_caption(examples.captions)
     assert report["text_to_image_recall_at_1"] == pytest.approx(
@@ -391,6 +389,5 @@ def test_retrieval_command_reports_recall_and_zero_shot(clip_run, capsys):
         sum(clip_task.recall_at_k(b, 5)[0] * len(b) for b in blocks) / 100)
     assert set(report["zero_shot"]) == {"colour_accuracy", "shape_accuracy", "position_accuracy",
                                         "count", "relation_accuracy", "relation_pairs"}
-    with pytest.raises(SystemExit):
-        retrieval.main(["--workdir", os.path.dirname(clip_run)])
-    assert "not a training workdir" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not a training workdir"):
+        retrieval.report_for_workdir(os.path.dirname(clip_run))

@@ -124,10 +124,10 @@ def test_loss_with_hard_negatives_matches_a_direct_computation(per_example):
 
 
 def prepared(data_config, tokenizer, record, seed=0):
-    from dalle_jax.data import pipeline
+    from dalle_jax.data import input_pipeline
 
     text = config_lib.load("clip_mini").text
-    prepare = pipeline.PrepareExample(data_config, text, tokenizer, training=True)
+    prepare = input_pipeline.PrepareExample(data_config, text, tokenizer, training=True)
     return prepare.random_map(record, np.random.default_rng(seed))
 
 

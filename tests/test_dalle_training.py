@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_jax.tasks import get_task
-from dalle_jax.sampling.generator import Generator
 import conftest
-from dalle_jax.training import metrics as metrics_lib, restore
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.pipeline import make_task
+from dalle_jax.sampling.generator import Generator
+from dalle_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def tiny_dalle_config(mini_config, pipeline_run):
 @pytest.fixture(scope="module")
 def trained(mini_config, dalle_run, dalle_initial_metrics):
     """(config, workdir, validation metrics at initialisation) of the short transformer run."""
-    return restore.load_config(dalle_run), dalle_run, dalle_initial_metrics
+    return workdir_lib.read_config(dalle_run), dalle_run, dalle_initial_metrics
 
 
 def test_short_training_lowers_the_validation_loss(trained):
@@ -73,13 +74,13 @@ def test_generator_refuses_a_dvae_workdir(trained):
 def test_dvae_that_does_not_fit_is_a_one_line_error(tiny_dalle_config):
     tiny_dalle_config.model.grid_size = 4
     with pytest.raises(ValueError, match=r"config.model.grid_size=4 does not match the dVAE"):
-        get_task(tiny_dalle_config)
+        make_task(tiny_dalle_config)
     tiny_dalle_config.task.dvae_workdir = ""
-    with pytest.raises(ValueError, match="config.task.dvae_workdir is empty"):
-        get_task(tiny_dalle_config)
+    with pytest.raises(ValueError, match="config.task.dvae_workdir='': the transformer needs"):
+        make_task(tiny_dalle_config)
 
 
 def test_missing_dvae_workdir_names_it(tiny_dalle_config, tmp_path):
     tiny_dalle_config.task.dvae_workdir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        get_task(tiny_dalle_config)
+        make_task(tiny_dalle_config)

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from dalle_jax import config_lib
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import dvae
 from dalle_jax.models.codec import ImageCodec
-from dalle_jax.training import loop, metrics as metrics_lib
-from dalle_jax.training.restore import load_model
+from dalle_jax.pipeline import train_stage
+from dalle_jax.training import metrics as metrics_lib
 
 
 @pytest.fixture
@@ -32,9 +34,9 @@ def train_losses(workdir):
 @pytest.mark.slow
 def test_eight_devices_train_the_dvae_like_one(tiny_dvae_config, tmp_path):
     tiny_dvae_config.mesh.shape = (2, 4, 1)  # data parallel x FSDP over the conv outputs
-    sharded = loop.train(tiny_dvae_config, str(tmp_path / "eight"))
+    sharded = train_stage(tiny_dvae_config, str(tmp_path / "eight"))
     tiny_dvae_config.mesh.update(dict(shape=(1, 1, 1), num_devices=1))
-    single = loop.train(tiny_dvae_config, str(tmp_path / "one"))
+    single = train_stage(tiny_dvae_config, str(tmp_path / "one"))
     np.testing.assert_allclose(train_losses(tmp_path / "eight"), train_losses(tmp_path / "one"),
                                rtol=1e-4)
     for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)),
@@ -51,7 +53,7 @@ def test_short_training_lowers_the_reconstruction_error_and_loads(dvae_run):
     assert mse[-1] < 0.5 * mse[0], mse
 
     codec = ImageCodec.from_workdir(workdir)
-    model, _ = load_model(workdir)
+    model = workdir_lib.Run(workdir).load_model(dvae.from_config)
     images = np.random.default_rng(0).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
     tokens = codec.encode(images)  # 37 = one full chunk of 32 and a padded one
     assert tokens.shape == (37, 8, 8) and tokens.dtype == np.int32

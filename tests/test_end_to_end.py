@@ -13,8 +13,9 @@ from PIL import Image
 
 from conftest import tiny_pipeline_config
 from dalle_jax import pipeline
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import dalle as dalle_model
 from dalle_jax.sampling.generator import Generator
-from dalle_jax.training import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +25,7 @@ def test_stages_share_one_tokenizer_and_the_pipelines_dvae(mini_config, pipeline
     tokenizer = os.path.join(pipeline_run, "tokenizer.model")
     assert os.path.isfile(tokenizer)
     for stage in ("dvae", "clip", "grey_clip", "dalle"):
-        saved = restore.load_config(os.path.join(pipeline_run, stage))
+        saved = workdir_lib.read_config(os.path.join(pipeline_run, stage))
         assert saved.text.tokenizer == tokenizer == configs[stage].text.tokenizer
         assert (saved.text.length, saved.text.vocab_size) == (20, 64)
     assert configs["dalle"].task.dvae_workdir == os.path.join(pipeline_run, "dvae")
@@ -39,12 +40,12 @@ def test_stages_share_one_tokenizer_and_the_pipelines_dvae(mini_config, pipeline
 
 def test_the_pipelines_two_clips_rerank_together(pipeline_run):
     from dalle_jax.models.scorer import ClipCommittee
-    from dalle_jax.serving.images import resolve_workdirs
 
     clips = [os.path.join(pipeline_run, s) for s in ("clip", "grey_clip")]
-    assert pipeline.clip_workdirs(pipeline_run) == clips
-    assert resolve_workdirs(pipeline_run) == (os.path.join(pipeline_run, "dalle"), clips)
-    generate = Generator.from_workdir(os.path.join(pipeline_run, "dalle"), clip_workdir=clips)
+    assert workdir_lib.rerankers(pipeline_run) == clips
+    assert workdir_lib.transformer_and_rerankers(pipeline_run) == (
+        os.path.join(pipeline_run, "dalle"), clips)
+    generate = Generator.from_workdir(pipeline_run)
     assert isinstance(generate.scorer, ClipCommittee)
     colour, grey = generate.scorer.members
     assert colour.grey_without is None
@@ -80,7 +81,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
     shutil.copytree(pipeline_run, workdir)
     shutil.rmtree(os.path.join(workdir, "dalle", "checkpoints", "60"))
     shutil.rmtree(os.path.join(workdir, "samples"))
-    assert pipeline.trained_steps(os.path.join(workdir, "dalle")) == 30
+    assert workdir_lib.latest_step(os.path.join(workdir, "dalle")) == 30
 
     data_dir = mini_config().data.data_dir
     overrides = [f"--config.{stage}.data.data_dir={data_dir}"
@@ -90,16 +91,20 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
                        "--config.clip.mesh.num_devices=1", "--config.grey_clip.mesh.num_devices=1",
                        "--config.dalle.mesh.shape=(1,2,1)", "--config.dalle.mesh.num_devices=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[dvae] already trained to step 80: skipped" in result.stdout
-    assert "[clip] already trained to step 80: skipped" in result.stdout
-    assert "[grey_clip] already trained to step 40: skipped" in result.stdout
-    assert "[dalle] training 30 steps from step 30" in result.stdout
-    assert "[samples] 2 captions in " in result.stdout
-    assert "this run of the pipeline took " in result.stdout
+    log = result.stderr  # the progress log, shown without any --verbosity
+    assert "[dvae] already trained to step 80: skipped" in log
+    assert "[clip] already trained to step 80: skipped" in log
+    assert "[grey_clip] already trained to step 40: skipped" in log
+    assert "[dalle] training 30 steps from step 30" in log
+    assert "[samples] 2 captions in " in log
+    assert "this run of the pipeline took " in log
     assert f"images: {os.path.join(workdir, 'samples')}/grid_*.png" in result.stdout
 
-    resumed, _ = restore.load_model(os.path.join(workdir, "dalle"), use_ema=False)
-    original, _ = restore.load_model(os.path.join(pipeline_run, "dalle"), use_ema=False)
+    def raw_params(run):
+        return workdir_lib.Run(os.path.join(run, "dalle")).load_model(dalle_model.from_config,
+                                                                      use_ema=False)
+
+    resumed, original = raw_params(workdir), raw_params(pipeline_run)
     for a, b in zip(jax.tree.leaves(nnx.state(resumed, nnx.Param)),
                     jax.tree.leaves(nnx.state(original, nnx.Param)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -114,7 +119,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(
 def test_judged_rates_on_true_and_shifted_captions(mini_config):
     from dalle_jax.evaluation import judge
     from dalle_jax.evaluation.captions import judged_rates
-    from dalle_jax.evaluation.examples import load_examples
+    from dalle_jax.data.examples import load_examples
 
     examples = load_examples(mini_config(), limit=40)
     rates = judged_rates(examples.images, examples.captions)
@@ -127,7 +132,7 @@ def test_judged_rates_on_true_and_shifted_captions(mini_config):
 
 def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
     from dalle_jax.evaluation.captions import evaluate_captions
-    from dalle_jax.evaluation.examples import load_examples
+    from dalle_jax.data.examples import load_examples
 
     examples = load_examples(mini_config(), limit=4)
     truth = examples.images
@@ -150,7 +155,7 @@ def test_any_match_is_the_share_of_captions_with_a_matching_draw(mini_config):
 
 def test_reranked_images_are_the_scorers_picks_with_or_without_progress(mini_config):
     from dalle_jax.evaluation.captions import evaluate_captions
-    from dalle_jax.evaluation.examples import load_examples
+    from dalle_jax.data.examples import load_examples
 
     examples = load_examples(mini_config(), limit=3)
     truth = examples.images
@@ -208,7 +213,7 @@ def test_best_of_curve_against_picking_each_group_by_hand():
 
 def test_every_setting_draws_with_the_given_sampling_controls(mini_config):
     from dalle_jax.evaluation.captions import evaluate_captions
-    from dalle_jax.evaluation.examples import load_examples
+    from dalle_jax.data.examples import load_examples
 
     examples = load_examples(mini_config(), limit=2)
     calls = []
@@ -227,12 +232,11 @@ def test_every_setting_draws_with_the_given_sampling_controls(mini_config):
                      {"temperature": 0.7, "top_k": 8, "guidance": 3.0}]
 
 
-def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
+def test_evaluate_reports_every_setting_and_stage(pipeline_run, capsys):
     from dalle_jax import evaluate
 
-    report = evaluate.main(["--workdir", pipeline_run, "--captions", "3", "--candidates", "2",
-                            "--keep", "1", "--guidance", "2", "--batch_size", "8",
-                            "--reference_examples", "40"])
+    report = evaluate.evaluate(pipeline_run, evaluate.Options(
+        captions=3, candidates=2, keep=1, guidance=(2.0,), batch_size=8, reference_examples=40))
     for split in ("validation", "heldout"):
         result = report["splits"][split]
         assert result["captions"] == 3
@@ -259,7 +263,19 @@ def test_evaluate_command_reports_every_setting_and_stage(pipeline_run, capsys):
     assert printed.index("[heldout] guidance 2, best 1 of 2 by CLIP: match ") < printed.index("# Evaluation")
     assert "2 images per caption, temperature 0.7, top_k 0" in text
     assert "position" in text and "relation (true caption over the reversed one)" in text
-    with pytest.raises(SystemExit, match="--keep=3"):
-        evaluate.main(["--workdir", pipeline_run, "--candidates", "2", "--keep", "3"])
-    with pytest.raises(SystemExit, match="temperature=-1"):
-        evaluate.main(["--workdir", pipeline_run, "--temperature", "-1"])
+    with pytest.raises(ValueError, match="keep=3"):
+        evaluate.evaluate(pipeline_run, evaluate.Options(candidates=2, keep=3))
+    with pytest.raises(ValueError, match="temperature=-1"):
+        evaluate.evaluate(pipeline_run, evaluate.Options(temperature=-1))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--candidates=2", "--keep=3"], "evaluate: keep=3 must be between 1 and candidates=2"),
+    (["--guidance=2,x"], "evaluate: --guidance=2,x must be comma-separated numbers"),
+])
+def test_evaluate_command_names_a_bad_flag_in_one_line(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "-m", "dalle_jax.evaluate",
+                             f"--workdir={tmp_path}", *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message

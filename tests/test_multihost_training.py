@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_dalle_config
-from dalle_jax.training import checkpoint, loop
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.pipeline import train_stage
 from test_multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def config(mini_config, pipeline_run):
 def one_process(config, tmp_path_factory):
     """The reference: every step's loss and the final state of one process with 8 devices."""
     workdir = str(tmp_path_factory.mktemp("one_process"))
-    state = loop.train(config, workdir)
+    state = train_stage(config, workdir)
     return losses(workdir), jax.device_get(state)
 
 
@@ -99,9 +100,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_
     assert sorted(two_losses) == [1, 2, 3, 4]
     np.testing.assert_allclose([two_losses[s] for s in range(1, 5)],
                                [reference_losses[s] for s in range(1, 5)], rtol=1e-5)
-    steps = [int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit()]
+    steps = [int(s) for s in os.listdir(workdir_lib.checkpoint_dir(workdir)) if s.isdigit()]
     assert steps == [4]
-    data_files = os.listdir(os.path.join(checkpoint.checkpoint_dir(workdir), "4", "data"))
+    data_files = os.listdir(os.path.join(workdir_lib.checkpoint_dir(workdir), "4", "data"))
     assert sorted(f for f in data_files if f.endswith(".json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
@@ -109,7 +110,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_
     # the data stream continues at global batch 5.
     one = config.copy_and_resolve_references()
     one.mesh.shape = (2, 2, 2)
-    continued = loop.train(one, workdir)
+    continued = train_stage(one, workdir)
     assert int(continued.step) == 6
     continued_losses = losses(workdir)
     np.testing.assert_allclose([continued_losses[s] for s in (5, 6)],

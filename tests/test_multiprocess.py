@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from dalle_jax.data import pipeline
+from dalle_jax.data import input_pipeline
 from dalle_jax.text.tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +34,7 @@ def test_two_processes_assemble_the_global_batch_from_their_shards(mini_config, 
     # The reference: each process's host-local loader, run here in one process.
     config.mesh.shape = (2, 4, 1)
     tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
-    local = [[b for _, b in zip(range(2), pipeline.make_loader(
+    local = [[b for _, b in zip(range(2), input_pipeline.make_loader(
         config, "train", tokenizer, training=True, process_index=i, process_count=2))]
         for i in range(2)]
     for step in range(2):

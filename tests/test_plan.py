@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from dalle_jax import config_lib, plan as plan_lib
-from dalle_jax.models.dvae import DVAE
+from dalle_jax.models import dvae as dvae_model
 from dalle_jax.tasks.dalle import DalleTask
 from dalle_jax.training import loop
 
@@ -24,14 +23,6 @@ def device0_bytes(tree) -> int:
                for shard in leaf.addressable_shards if shard.device == device)
 
 
-class UntrainedDvaeDalleTask(DalleTask):
-    """The transformer's task with a freshly initialised dVAE in place of a trained one: the
-    memory and FLOPs of a step do not depend on the dVAE's weights."""
-
-    def frozen_state(self):
-        return nnx.state(DVAE(self.dvae_model_config, jnp.float32, nnx.Rngs(0)))
-
-
 # The second mesh adds tensor parallelism and two minutes: a long run (`-m slow`).
 @pytest.mark.parametrize("mesh_shape", [(2, 4, 1), pytest.param((1, 4, 2), marks=pytest.mark.slow)])
 def test_plan_of_dalle_mini_equals_the_figures_of_a_real_runs_compiled_step(
@@ -43,10 +34,12 @@ def test_plan_of_dalle_mini_equals_the_figures_of_a_real_runs_compiled_step(
     dvae_config = config_lib.load("dvae_mini")
     plan, _ = plan_lib.make_plan(config, dvae_config)
 
-    # The reference: the loop's own trainer, with real sharded arrays and a real batch.
-    trainer = loop.Trainer(config, str(tmp_path),
-                           task=UntrainedDvaeDalleTask(config, dvae_config.model))
-    state = trainer._init()
+    # The reference: the loop's own trainer, with real sharded arrays and a real batch, and a
+    # freshly initialised dVAE in place of a trained one (a step's memory and FLOPs do not
+    # depend on the dVAE's weights).
+    untrained_dvae = dvae_model.from_config(dvae_config, nnx.Rngs(0))
+    trainer = loop.Trainer(config, str(tmp_path), DalleTask(config, untrained_dvae))
+    state = trainer.init_state()
     with trainer.batches("train", training=True) as batches:
         trainer.compile_train_step(state, next(batches))
     real = trainer.compiled_train_step.memory_analysis()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dalle_jax.data import pipeline, sources
+from dalle_jax.data import input_pipeline, sources
 
 
 def coco_config(mini_config):
@@ -22,7 +22,7 @@ def test_catalog_set_through_mock_data(mini_config, mini_tokenizer):
         captions = [set(map(sources.as_text, source[i]["captions"]["text"]))
                     for i in range(len(source))]
         shapes = {source[i]["image"].shape for i in range(len(source))}
-        loader = pipeline.make_loader(config, "train", mini_tokenizer, training=True,
+        loader = input_pipeline.make_loader(config, "train", mini_tokenizer, training=True,
                                       source=source)
         batches = [b for _, b in zip(range(3), loader)]
     assert len(shapes) > 1  # Mock images come in many sizes: the pipeline squares them.
@@ -107,7 +107,7 @@ def test_caption_folder_through_the_pipeline_with_split_slices(mini_config, mini
     head = sources.data_source(builder, "train[:5]")
     tail = sources.data_source(builder, "train[5:]")
     assert (len(head), len(tail)) == (5, 4)
-    batch = next(iter(pipeline.make_loader(config, "train[5:]", mini_tokenizer, training=True)))
+    batch = next(iter(input_pipeline.make_loader(config, "train[5:]", mini_tokenizer, training=True)))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     tail_captions = {sources.as_text(tail[i]["caption"]) for i in range(len(tail))}
     decoded = {mini_tokenizer.decode(t) for t in batch["text"]}

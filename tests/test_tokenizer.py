@@ -69,18 +69,18 @@ def test_pickles_by_path(tokenizer):
 
 
 def test_run_trains_once_then_reuses_and_checks_vocabulary(mini_config, tmp_path):
-    from dalle_jax import run
+    from dalle_jax.training import setup
 
     config = mini_config()
-    first = run.load_or_train_tokenizer(config, str(tmp_path))
+    first = setup.load_or_train_tokenizer(config, str(tmp_path))
     stamp = (tmp_path / "tokenizer.model").stat().st_mtime_ns
-    again = run.load_or_train_tokenizer(config, str(tmp_path))
+    again = setup.load_or_train_tokenizer(config, str(tmp_path))
     assert (tmp_path / "tokenizer.model").stat().st_mtime_ns == stamp  # Loaded, not retrained.
     caption = "a cyan triangle below a magenta square"
     np.testing.assert_array_equal(first.encode(caption, 32), again.encode(caption, 32))
     config.text.vocab_size = 16
     with pytest.raises(ValueError, match="config.text.vocab_size=16"):
-        run.load_or_train_tokenizer(config, str(tmp_path))
+        setup.load_or_train_tokenizer(config, str(tmp_path))
     config.text.tokenizer = str(tmp_path / "elsewhere.model")
     with pytest.raises(FileNotFoundError, match="elsewhere.model"):
-        run.load_or_train_tokenizer(config, str(tmp_path))
+        setup.load_or_train_tokenizer(config, str(tmp_path))

@@ -7,9 +7,11 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from dalle_jax.training import checkpoint, loop, metrics as metrics_lib, optimizer
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.training import loop, metrics as metrics_lib, optimizer
 from toy_task import ToyTask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,8 +38,12 @@ def assert_trees_close(a, b, **tolerance):
 
 
 def final_state(workdir, config):
+    """The whole train state (optimizer moments too) of the run's latest checkpoint."""
     trainer = loop.Trainer(config, str(workdir), ToyTask())
-    return checkpoint.restore_state_only(str(workdir), trainer.abstract_state)
+    step = workdir_lib.latest_step(str(workdir))
+    return ocp.StandardCheckpointer().restore(
+        os.path.join(workdir_lib.checkpoint_dir(str(workdir)), str(step), workdir_lib.STATE),
+        trainer.abstract_state)
 
 
 def test_schedules_reach_their_end_points():
@@ -88,7 +94,7 @@ def test_profile_steps_write_a_trace_and_checkpoint_every_zero_saves_only_the_en
 def test_state_is_created_sharded_by_logical_axes(toy_config, tmp_path):
     toy_config.mesh.shape = (2, 2, 2)
     trainer = loop.Trainer(toy_config, str(tmp_path), ToyTask())
-    state = trainer._init()
+    state = trainer.init_state()
     kernel = state.params["down"]["kernel"]
     assert kernel.sharding.spec == jax.P("fsdp", "tensor")
     # Adam's moments and the EMA follow their parameter; counters are replicated.
@@ -130,7 +136,7 @@ def test_resume_continues_with_the_same_batches(toy_config, tmp_path):
 def test_nan_batch_is_skipped_and_counted(toy_config, tmp_path):
     toy_config.optimizer.warmup_steps = 0  # So the first good step moves the parameters.
     trainer = loop.Trainer(toy_config, str(tmp_path), ToyTask())
-    state = trainer._init()
+    state = trainer.init_state()
     with trainer.batches("train", training=True) as batches:
         clean = next(batches)
     as_float = {**clean, "image": clean["image"].astype(np.float32)}

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.tasks.task import Task
+
 
 class LinearAutoencoder(nnx.Module):
     def __init__(self, rngs: nnx.Rngs, features: int = 192, hidden: int = 16):
@@ -26,7 +28,7 @@ def features(images):
     return x.reshape(b, 8, s // 8, 8, s // 8, 3).mean(axis=(2, 4)).reshape(b, -1)
 
 
-class ToyTask:
+class ToyTask(Task):
     name = "toy"
 
     def __init__(self, noise: float = 0.01):

@@ -4,8 +4,8 @@
         --out workdirs/openai_dvae
 
 The files are whole `dall_e.Encoder` / `dall_e.Decoder` modules saved with torch.save, so
-reading them means unpickling, which runs whatever code the file names: convert only files
-you trust. PyTorch and OpenAI's `dall_e` package are needed here only, nowhere else in the
+reading them means unpickling. Unpickling runs code from the file: convert only files you
+trust, such as the ones you downloaded from OpenAI yourself. PyTorch and OpenAI's `dall_e` package are needed here only, nowhere else in the
 package (pip install -e ".[convert]" && pip install --no-deps dall-e==0.1: its own
 requirements would replace a CPU PyTorch with a CUDA one, for a torchvision it never imports).
 
@@ -20,7 +20,6 @@ symmetric 'same' padding, so no kernel is flipped.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import secrets
@@ -30,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import flags
 from flax import nnx
 
-from dalle_jax import config_lib, tasks
+from dalle_jax import cli, config_lib
+from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import dvae
 from dalle_jax.training import checkpoint, optimizer
 from dalle_jax.training import state as state_lib
@@ -162,9 +162,8 @@ def workdir_config(model_config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def initial_train_state(config, released: dict) -> state_lib.TrainState:
     """The train state a run would restore: step 0, fresh optimizer moments, EMA = weights."""
-    task = tasks.get_task(config)
     _, abstract_params, rest = state_lib.split_model(
-        nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+        nnx.eval_shape(lambda: dvae.from_config(config, nnx.Rngs(0))))
     if jax.tree.leaves(rest):
         raise RuntimeError("the dVAE gained non-parameter variables: the converter must set them")
     # device_put, not jnp.asarray: that compiles a staging program for every shape.
@@ -179,20 +178,14 @@ def initial_train_state(config, released: dict) -> state_lib.TrainState:
 
 
 def write_workdir(directory: str, config, state, provenance: str) -> None:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_config(config, directory)
     with open(os.path.join(directory, "CONVERTED_FROM.txt"), "w") as f:
         f.write(provenance)
-    mgr = checkpoint.manager(directory, keep=1)
-    if not mgr.save(0, args=ocp.args.Composite(
-            **{checkpoint.STATE: ocp.args.StandardSave(state)})):
-        raise RuntimeError(f"Orbax declined to save step 0 in {directory}")
-    mgr.wait_until_finished()
-    mgr.close()
+    checkpoint.save_state(directory, 0, state)
 
 
 def check_output_free(out: str) -> None:
-    if os.path.isdir(checkpoint.checkpoint_dir(out)):
+    if os.path.isdir(workdir_lib.checkpoint_dir(out)):
         raise SystemExit(f"--out {out!r} already holds a checkpoint: refusing to overwrite it")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SystemExit(f"--out {out!r} exists and is not an empty directory: refusing to "
@@ -243,27 +236,22 @@ def convert(encoder_path: str, decoder_path: str, out: str, image_size: int = 25
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dalle_jax.convert.openai_dvae",
-        description="Convert OpenAI's released DALL·E dVAE (dall_e encoder.pkl and decoder.pkl) "
-                    "into a dVAE workdir of this project. WARNING: " + TRUST_WARNING,
-        epilog=f"Needs PyTorch and the dall_e package: {INSTALL_HINT}")
-    parser.add_argument("--encoder", required=True, help="OpenAI's encoder.pkl")
-    parser.add_argument("--decoder", required=True, help="OpenAI's decoder.pkl")
-    parser.add_argument("--out", required=True,
-                        help="the workdir to create; must not exist yet (or be empty)")
-    parser.add_argument("--image_size", type=int, default=256,
-                        help="the image side the workdir's config records (default 256, the "
-                             "release's; the grid is image_size/8 with 4 groups)")
-    return parser.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_string("encoder", None, "OpenAI's encoder.pkl.")
+    flags.DEFINE_string("decoder", None, "OpenAI's decoder.pkl.")
+    flags.DEFINE_string("out", None, "The workdir to create; must not exist yet (or be empty).")
+    flags.DEFINE_integer("image_size", 256, "The image side the workdir's config records "
+                         "(default 256, the release's; the grid is image_size/8 with 4 groups).")
+    flags.mark_flags_as_required(["encoder", "decoder", "out"])
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    out = convert(args.encoder, args.decoder, args.out, args.image_size)
+def main(argv) -> None:
+    del argv
+    out = convert(flags.FLAGS.encoder, flags.FLAGS.decoder, flags.FLAGS.out,
+                  flags.FLAGS.image_size)
     print(f"wrote {out}: use it as --config.task.dvae_workdir={out}")
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main)

@@ -319,3 +319,21 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         for index in range(config.split_size(split)):
             yield index, generate_example(config.seed, split, index, config.image_size)
+
+
+def as_object_list(objects: Any) -> list[dict[str, Any]]:
+    """A scene's objects as {"colour", "shape", "row", "col"} names sorted by cell (what the
+    pixel judge reads off an image), from a list of dicts or the `objects` feature.
+
+    The feature is a dict of parallel sequences; read back through TFDS its colour and
+    shape are ClassLabel indices, straight from generate_example they are names.
+    """
+    if isinstance(objects, dict):
+        keys = ("colour", "shape", "row", "col")
+        objects = [dict(zip(keys, vals)) for vals in zip(*(objects[k] for k in keys))]
+
+    def name(value, names):
+        return names[int(value)] if isinstance(value, (int, np.integer)) else str(value)
+    out = [{"colour": name(o["colour"], tuple(COLOURS)), "shape": name(o["shape"], SHAPES),
+            "row": int(o["row"]), "col": int(o["col"])} for o in objects]
+    return sorted(out, key=lambda o: (o["row"], o["col"]))

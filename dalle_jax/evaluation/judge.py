@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dalle_jax.data.synthetic_shapes import COLOURS, POSITIONS, SHAPES
+from dalle_jax.data.synthetic_shapes import COLOURS, POSITIONS, SHAPES, as_object_list
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float64)
@@ -204,22 +204,6 @@ def find_objects(image: np.ndarray) -> list[dict[str, Any]]:
                 found.append(obj)
     found.sort(key=lambda o: (o["row"], o["col"], o["_centre"]))
     return [{k: v for k, v in o.items() if k != "_centre"} for o in found]
-
-
-def as_object_list(objects: Any) -> list[dict[str, Any]]:
-    """Ground truth as find_objects rows, from a list of dicts or the `objects` feature.
-
-    The feature is a dict of parallel sequences; read back through TFDS its colour and
-    shape are ClassLabel indices, straight from generate_example they are names.
-    """
-    if isinstance(objects, dict):
-        keys = ("colour", "shape", "row", "col")
-        objects = [dict(zip(keys, vals)) for vals in zip(*(objects[k] for k in keys))]
-    def name(value, names):
-        return names[int(value)] if isinstance(value, (int, np.integer)) else str(value)
-    out = [{"colour": name(o["colour"], _NAMES), "shape": name(o["shape"], SHAPES),
-            "row": int(o["row"]), "col": int(o["col"])} for o in objects]
-    return sorted(out, key=lambda o: (o["row"], o["col"]))
 
 
 def agreement(images: Sequence[np.ndarray], objects_list: Sequence[Any]) -> float:

@@ -9,10 +9,16 @@ data set's own `objects` feature exactly (same colours, shapes and cells, nothin
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
+from absl import flags
 
+from dalle_jax import cli
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data.examples import load_examples
 from dalle_jax.evaluation import judge
+from dalle_jax.models.codec import ImageCodec
 
 
 def psnr(mse: float) -> float:
@@ -49,21 +55,28 @@ def reconstruction_report(codec, images: np.ndarray, objects=None, chunk: int = 
     return report
 
 
-def main(argv=None):
-    import argparse
+def report_for_workdir(workdir: str, limit: int = 0) -> dict:
+    """`reconstruction_report` of the dVAE trained in `workdir` on its evaluation split."""
+    codec = ImageCodec.from_workdir(workdir)
+    examples = load_examples(workdir_lib.read_config(workdir), limit=limit)
+    return reconstruction_report(codec, examples.images, examples.objects)
 
-    from dalle_jax.evaluation.examples import load_examples
-    from dalle_jax.models.codec import ImageCodec
-    from dalle_jax.training.restore import load_config
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="a trained dVAE's workdir")
-    parser.add_argument("--limit", type=int, default=0, help="examples (0 = the whole split)")
-    args = parser.parse_args(argv)
-    codec = ImageCodec.from_workdir(args.workdir)
-    examples = load_examples(load_config(args.workdir), limit=args.limit)
-    print(json.dumps(reconstruction_report(codec, examples.images, examples.objects), indent=1))
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "A trained dVAE's workdir.")
+    flags.DEFINE_integer("limit", 0, "Examples (0 = the whole split).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        report = report_for_workdir(flags.FLAGS.workdir, flags.FLAGS.limit)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"reconstruction: {e}")
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    cli.run(main)

@@ -279,3 +279,10 @@ def flops_per_example(cfg: ClipConfig, batch_size: int) -> float:
                + 2 * cfg.embed_dim * (cfg.image.d_model + cfg.text.d_model)
                + 2 * batch_size * cfg.embed_dim)
     return 3.0 * forward
+
+
+def from_config(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
+                dtype: str | None = None) -> CLIP:
+    """The CLIP of a run's config, computing in `dtype` (default: `config.train.compute_dtype`)."""
+    return CLIP(clip_config(config.model, config.data, config.text,
+                            dtype or config.train.compute_dtype), rngs=rngs)

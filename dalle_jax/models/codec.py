@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import dvae
 from dalle_jax.models.chunks import apply_in_chunks
-from dalle_jax.models.dvae import DVAE
 
 
 class ImageCodec:
-    def __init__(self, model: DVAE, chunk: int = 32):
+    def __init__(self, model: dvae.DVAE, chunk: int = 32):
         self.model, self.chunk = model, chunk
         self.image_size, self.grid_size = model.image_size, model.grid_size
         self.vocab_size = model.vocab_size
@@ -25,13 +26,11 @@ class ImageCodec:
         self._decode = nnx.jit(lambda m, t: m.decode(t))
 
     @classmethod
-    def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 32) -> "ImageCodec":
-        from dalle_jax.training.restore import load_model
-
-        model, config = load_model(workdir, use_ema=use_ema)
-        if not isinstance(model, DVAE):
-            raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not a dVAE")
-        return cls(model, chunk)
+    def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 32,
+                     **load) -> "ImageCodec":
+        """The dVAE trained in `workdir`; `load`: `Run.load_model`'s options (dtype, mesh)."""
+        run = workdir_lib.Run(workdir, expect="dvae")
+        return cls(run.load_model(dvae.from_config, use_ema=use_ema, **load), chunk)
 
     def encode(self, images) -> np.ndarray:
         images = np.asarray(images)

@@ -21,8 +21,7 @@ from flax import nnx
 from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import layers
 from dalle_jax.models.transformer import ACT, BlockConfig, Stack
-
-PAD_ID = 0  # the tokenizer's padding id
+from dalle_jax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +67,12 @@ def dalle_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDi
                        image_vocab_size=model.image_vocab_size, grid_size=model.grid_size,
                        block=block, conv_kernel=model.conv_kernel, attention=model.attention,
                        remat=model.remat, scan_unroll=scan_unroll)
+
+
+def empty_captions(batch_size: int, length: int) -> jax.Array:
+    """[bos, eos, pad, ...]: the caption of the unconditional model (classifier-free guidance)."""
+    caption = jnp.zeros((length,), jnp.int32).at[0].set(BOS_ID).at[1].set(EOS_ID)
+    return jnp.broadcast_to(caption, (batch_size, length))
 
 
 class DALLE(nnx.Module):
@@ -181,3 +186,11 @@ def flops_per_example(cfg: DalleConfig) -> float:
                     for kind in attention_lib.layer_kinds(b.depth))
     return 3.0 * (b.depth * length * per_position + heads + attention)
 
+
+
+def from_config(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
+                dtype: str | None = None) -> DALLE:
+    """The transformer of a run's config, computing in `dtype` (default:
+    `config.train.compute_dtype`)."""
+    return DALLE(dalle_config(config.model, config.text, dtype or config.train.compute_dtype),
+                 rngs=rngs)

@@ -236,3 +236,11 @@ class DVAE(nnx.Module):
         """float32 images in [0, 1] (B, S, S, 3) from int tokens (B, h, w)."""
         mu, _ = self.decoder.from_codebook(self.decoder.codebook_embed(tokens))
         return unmap_pixels(jax.nn.sigmoid(mu), self.eps)
+
+
+def from_config(config: ml_collections.ConfigDict, rngs: nnx.Rngs, *,
+                dtype: str | None = None) -> DVAE:
+    """The dVAE of a run's config (`config.model`, the task's pixel map), computing in `dtype`
+    (default: `config.train.compute_dtype`)."""
+    return DVAE(config.model, jnp.dtype(dtype or config.train.compute_dtype), rngs,
+                eps=config.task.get("logit_laplace_eps", LOGIT_LAPLACE_EPS))

@@ -31,8 +31,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data.augment import greyscale, without_words
+from dalle_jax.models import clip
 from dalle_jax.models.chunks import apply_in_chunks
-from dalle_jax.models.clip import CLIP
 from dalle_jax.text.tokenizer import encode_texts
 
 _encode_images = nnx.jit(lambda model, images: model.encode_images(images))
@@ -63,7 +65,7 @@ def as_uint8_images(images, size: int) -> np.ndarray:
 
 
 class ClipScorer:
-    def __init__(self, model: CLIP, tokenizer, chunk: int = 64,
+    def __init__(self, model: clip.CLIP, tokenizer, chunk: int = 64,
                  grey_without: Sequence[str] | None = None):
         """`grey_without` (a CLIP trained on grey views): score grey images against captions
         without these words; None scores images and captions as they are."""
@@ -73,31 +75,23 @@ class ClipScorer:
         self.grey_without = None if grey_without is None else tuple(grey_without)
 
     @classmethod
-    def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 64) -> "ClipScorer":
-        from dalle_jax import run
-        from dalle_jax.text.tokenizer import Tokenizer
-        from dalle_jax.training.restore import load_model
-
-        model, config = load_model(workdir, use_ema=use_ema)
-        if not isinstance(model, CLIP):
-            raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not CLIP")
-        augment = config.data.augment
+    def from_workdir(cls, workdir: str, *, use_ema: bool = True, chunk: int = 64,
+                     **load) -> "ClipScorer":
+        """The CLIP trained in `workdir`; `load`: `Run.load_model`'s options (dtype, mesh)."""
+        run = workdir_lib.Run(workdir, expect="clip")
+        augment = run.config.data.augment
         grey = augment.get("greyscale", 0.0) >= 1.0
-        return cls(model, Tokenizer(run.tokenizer_path(config, workdir)), chunk,
-                   grey_without=tuple(augment.colour_words) if grey else None)
+        return cls(run.load_model(clip.from_config, use_ema=use_ema, **load), run.tokenizer(),
+                   chunk, grey_without=tuple(augment.colour_words) if grey else None)
 
     def _images_as_trained(self, images: np.ndarray) -> np.ndarray:
         if self.grey_without is None:
             return images
-        from dalle_jax.data.augment import greyscale
-
         return np.stack([greyscale(image) for image in images])
 
     def _captions_as_trained(self, captions: list[str]) -> list[str]:
         if self.grey_without is None:
             return captions
-        from dalle_jax.data.augment import without_words
-
         return [without_words(c, self.grey_without) for c in captions]
 
     def tokenize(self, captions: Sequence[str]) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dalle_jax.tasks.dalle import empty_captions
+from dalle_jax.models.dalle import empty_captions
 
 
 def guided_logits(logits: jax.Array, scale: jax.Array, batch: int) -> jax.Array:

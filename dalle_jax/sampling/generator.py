@@ -25,7 +25,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dalle_jax.sampling import decode
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import dalle as dalle_model
+from dalle_jax.models.codec import ImageCodec
+from dalle_jax.models.scorer import scorer_from_workdirs
+from dalle_jax.sampling import decode, rerank
+from dalle_jax.sampling.outputs import to_pixels
 from dalle_jax.sharding import logical
 from dalle_jax.sharding import mesh as mesh_lib
 from dalle_jax.text.tokenizer import encode_texts
@@ -100,40 +105,33 @@ class Generator:
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
                      implementation: str = "sparse", mesh_shape=None,
                      clip_workdir: str | Sequence[str] | None = None) -> "Generator":
-        """The run in `workdir`, its dVAE and tokenizer; with `mesh_shape` (e.g. (2, 1, 4) over
-        the run's mesh axes) sampling is sharded by the run's own logical-axis rules; with
-        `clip_workdir` a trained CLIP reranks candidates in `best_of` (several workdirs: a
-        `ClipCommittee` of them)."""
-        from dalle_jax import run
-        from dalle_jax.models.codec import ImageCodec
-        from dalle_jax.text.tokenizer import Tokenizer
-        from dalle_jax.training import restore
-
-        config = restore.load_config(workdir)
-        if config.task.name != "dalle":
-            raise ValueError(f"{workdir!r} holds a {config.task.name!r} run, not a transformer")
-        model, config = restore.load_model(workdir, use_ema=use_ema)
-        codec = ImageCodec.from_workdir(config.task.dvae_workdir)
-        if (codec.grid_size, codec.vocab_size) != (model.cfg.grid_size, model.cfg.image_vocab_size):
-            raise ValueError(
-                f"the dVAE in {config.task.dvae_workdir!r} makes {codec.grid_size}×"
-                f"{codec.grid_size} tokens of {codec.vocab_size} codes, the transformer in "
-                f"{workdir!r} expects {model.cfg.grid_size}×{model.cfg.grid_size} of "
-                f"{model.cfg.image_vocab_size}")
-        tokenizer = Tokenizer(run.tokenizer_path(config, workdir))
-        if tokenizer.vocab_size > model.cfg.text_vocab_size:
-            raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more "
-                             f"than the transformer's {model.cfg.text_vocab_size}")
+        """The transformer of `workdir` (its run, or a pipeline workdir's dalle/), with its
+        dVAE and tokenizer. With `mesh_shape` (e.g. (2, 1, 4) over the run's mesh axes) the
+        parameters are restored onto that mesh and sampling is sharded by the run's own
+        logical-axis rules. CLIP reranks candidates in `best_of`: a pipeline workdir's CLIPs
+        by default, or those of `clip_workdir` (several: a `ClipCommittee`; [] for none)."""
+        dalle_workdir, clip_workdirs = workdir_lib.transformer_and_rerankers(workdir,
+                                                                             clip_workdir)
+        run = workdir_lib.Run(dalle_workdir, expect="dalle")
+        config = run.config
         mesh = rules = None
         if mesh_shape is not None:
             mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(
                 config.mesh.to_dict(), shape=tuple(mesh_shape), num_devices=0)))
             rules = logical.normalize_rules(config.sharding.rules)
-        scorer = None
-        if clip_workdir:
-            from dalle_jax.models.scorer import scorer_from_workdirs
-
-            scorer = scorer_from_workdirs(clip_workdir)
+        model = run.load_model(dalle_model.from_config, use_ema=use_ema, mesh=mesh, rules=rules)
+        codec = ImageCodec.from_workdir(config.task.dvae_workdir)
+        if (codec.grid_size, codec.vocab_size) != (model.cfg.grid_size, model.cfg.image_vocab_size):
+            raise ValueError(
+                f"the dVAE in {config.task.dvae_workdir!r} makes {codec.grid_size}×"
+                f"{codec.grid_size} tokens of {codec.vocab_size} codes, the transformer in "
+                f"{dalle_workdir!r} expects {model.cfg.grid_size}×{model.cfg.grid_size} of "
+                f"{model.cfg.image_vocab_size}")
+        tokenizer = run.tokenizer()
+        if tokenizer.vocab_size > model.cfg.text_vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more "
+                             f"than the transformer's {model.cfg.text_vocab_size}")
+        scorer = scorer_from_workdirs(clip_workdirs) if clip_workdirs else None
         return cls(model, codec, tokenizer, batch_size=batch_size,
                    implementation=implementation, mesh=mesh, rules=rules, scorer=scorer)
 
@@ -227,15 +225,11 @@ class Generator:
             return images
         from PIL import Image
 
-        from dalle_jax.sampling.outputs import to_pixels
-
         return [Image.fromarray(pixels) for pixels in to_pixels(images)]
 
     def best_of(self, prompts, candidates: int, keep: int = 1, seed: int = 0, **kwargs):
         """Draws `candidates` images per prompt (as `__call__`, same keyword arguments), scores
         them with the CLIP scorer and keeps the best `keep`: a `rerank.Reranked`."""
-        from dalle_jax.sampling import rerank
-
         if self.scorer is None:
             raise ValueError("best_of needs a CLIP scorer (Generator.from_workdir(..., "
                              "clip_workdir=...) or Generator(..., scorer=...))")

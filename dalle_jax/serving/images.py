@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import secrets
 
 import numpy as np
@@ -54,21 +53,6 @@ class Limits:
     max_guidance: float = 20.0
 
 
-def resolve_workdirs(workdir: str, clip_workdir: str | None = None):
-    """(transformer workdir, CLIP workdir(s) or None) from a pipeline workdir (dalle/ and its
-    CLIPs, clip/ and grey_clip/) or a transformer workdir with an optional CLIP one."""
-    if os.path.isfile(os.path.join(workdir, "dalle", "config.json")):
-        from dalle_jax.pipeline import clip_workdirs
-
-        if clip_workdir is None:
-            clip_workdir = clip_workdirs(workdir) or None
-        return os.path.join(workdir, "dalle"), clip_workdir
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise FileNotFoundError(f"{workdir!r} is neither a pipeline workdir (with dalle/) nor a "
-                                "transformer workdir (with config.json)")
-    return workdir, clip_workdir
-
-
 def png_bytes(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -95,8 +79,9 @@ class ImageService:
     @classmethod
     def from_workdir(cls, workdir: str, *, clip_workdir: str | None = None,
                      batch_size: int = 8, **kwargs) -> "ImageService":
-        dalle_workdir, clip_workdir = resolve_workdirs(workdir, clip_workdir)
-        generator = Generator.from_workdir(dalle_workdir, batch_size=batch_size,
+        """A pipeline workdir (its transformer, its CLIPs for `rerank`) or a transformer's
+        (with `clip_workdir` for `rerank`)."""
+        generator = Generator.from_workdir(workdir, batch_size=batch_size,
                                            clip_workdir=clip_workdir)
         return cls(generator, **kwargs)
 

@@ -9,13 +9,14 @@ from absl import logging
 
 
 def initialize_distributed(config) -> None:
-    """Joins the job's other processes when `config.distributed.enabled`.
+    """Joins the job's other processes when `config.distributed.enabled` (once: a second call
+    does nothing).
 
     On TPU pods and SLURM/Open MPI clusters JAX discovers the coordinator itself, so empty
     fields mean "auto"; on a CPU or a hand-rolled cluster give all three.
     """
     dist = config.distributed
-    if not dist.enabled:
+    if not dist.enabled or jax.distributed.is_initialized():
         return
     if dist.cpu_collectives:
         # Cross-process collectives on CPU devices need an explicit implementation.

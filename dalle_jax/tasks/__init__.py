@@ -6,22 +6,28 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dalle_jax.training.task import Task
+from dalle_jax.tasks.task import Task
 
 
-def _dvae(config) -> Task:
+def _dvae(config, dvae) -> Task:
     from dalle_jax.tasks.dvae import DVAETask
 
     return DVAETask(config)
 
 
-def _dalle(config) -> Task:
+def _dalle(config, dvae) -> Task:
     from dalle_jax.tasks.dalle import DalleTask
 
-    return DalleTask(config)
+    if dvae is None:
+        where = config.task.get("dvae_workdir")
+        raise ValueError(f"config.task.dvae_workdir={where!r}: the transformer needs a trained "
+                         "dVAE to turn its images into tokens" if not where else
+                         "the transformer's task needs the trained dVAE of "
+                         f"config.task.dvae_workdir={where!r} (pipeline.make_task loads it)")
+    return DalleTask(config, dvae)
 
 
-def _clip(config) -> Task:
+def _clip(config, dvae) -> Task:
     from dalle_jax.tasks.clip import ClipTask
 
     return ClipTask(config)
@@ -34,8 +40,10 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(config) -> Task:
+def get_task(config, *, dvae=None) -> Task:
+    """The task of `config.task.name`. `dvae`: the trained dVAE (an `nnx.Module`, or its
+    abstract `nnx.eval_shape` to plan without one), for the tasks that read image tokens."""
     name = config.task.name
     if name not in TASKS:
         raise ValueError(f"config.task.name={name!r} is not one of {sorted(TASKS)}")
-    return TASKS[name](config)
+    return TASKS[name](config, dvae)

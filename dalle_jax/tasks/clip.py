@@ -34,7 +34,7 @@ Captions repeat in `synthetic_shapes` ("a red circle"), so a perfect model does 
 
 At every evaluation the task also measures zero-shot colour, shape, position and relation
 accuracy on the first `config.task.zero_shot_examples` validation images of synthetic_shapes
-(host-side, see `evaluation/retrieval.py`); `python -m dalle_jax.evaluation.retrieval
+(host-side, see `tasks/zero_shot.py`); `python -m dalle_jax.evaluation.retrieval
 --workdir W` reports that and recall over the whole split.
 """
 from __future__ import annotations
@@ -44,8 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dalle_jax.data.examples import load_examples
 from dalle_jax.models import clip as clip_model
 from dalle_jax.models import layers
+from dalle_jax.models.scorer import ClipScorer
+from dalle_jax.tasks import zero_shot
+from dalle_jax.tasks.task import Task
 
 RECALL_KS = (1, 5)
 LOG_IMAGES_MAX = 8
@@ -192,7 +196,7 @@ def negative_embeddings(model, batch):
             batch["negative_mask"].reshape(count).astype(bool))
 
 
-class ClipTask:
+class ClipTask(Task):
     name = "clip"
 
     def __init__(self, config):
@@ -204,7 +208,7 @@ class ClipTask:
     # --- the Task interface -------------------------------------------------------------
 
     def build_model(self, rngs: nnx.Rngs) -> clip_model.CLIP:
-        return clip_model.CLIP(self.model_config, rngs=rngs)
+        return clip_model.from_config(self.config, rngs)
 
     def flops_per_example(self) -> float:
         return clip_model.flops_per_example(self.model_config, self.config.data.batch_size)
@@ -261,14 +265,10 @@ class ClipTask:
         limit = self.config.task.get("zero_shot_examples", 0)
         if self.config.data.name != "synthetic_shapes" or not limit:
             return {}
-        from dalle_jax.evaluation import retrieval
-        from dalle_jax.evaluation.examples import load_examples
-        from dalle_jax.models.scorer import ClipScorer
-
         if self._zero_shot_examples is None:
             self._zero_shot_examples = load_examples(self.config, limit=limit)
         examples = self._zero_shot_examples
-        result = retrieval.zero_shot_accuracy(ClipScorer(model, tokenizer), examples.images,
+        result = zero_shot.zero_shot_accuracy(ClipScorer(model, tokenizer), examples.images,
                                               examples.objects)
         metrics = {f"zero_shot_{name}_accuracy": result[f"{name}_accuracy"]
                    for name in ("colour", "shape", "position", "relation")}

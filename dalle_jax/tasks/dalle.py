@@ -1,7 +1,7 @@
 """Training the DALL·E transformer: maximum likelihood of [caption | image tokens].
 
 Images become tokens inside the jitted step, through the frozen dVAE of an earlier run
-(`config.task.dvae_workdir`). Encoding in the step rather than in a cached pre-pass keeps the
+(`config.task.dvae_workdir`, loaded by whoever makes the task). Encoding in the step rather than in a cached pre-pass keeps the
 data pipeline one pipeline (the same augmented images, resumable iterator and sharding as every
 other stage) and costs one encoder forward per example, small beside the transformer's
 forward and backward; the dVAE's weights reach the step as the loop's `frozen` input, so they
@@ -21,10 +21,9 @@ import numpy as np
 from flax import nnx
 
 from dalle_jax.models import dalle as dalle_model
+from dalle_jax.models.dalle import PAD_ID, empty_captions
 from dalle_jax.models.dvae import DVAE
-from dalle_jax.text.tokenizer import BOS_ID, EOS_ID
-
-PAD_ID = dalle_model.PAD_ID
+from dalle_jax.tasks.task import Task
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -46,12 +45,6 @@ def segment_nll_sums(text_logits, image_logits, text, image_tokens, mask):
     }
 
 
-def empty_captions(batch_size: int, length: int) -> jax.Array:
-    """[bos, eos, pad, ...]: the caption of the unconditional model."""
-    caption = jnp.zeros((length,), jnp.int32).at[0].set(BOS_ID).at[1].set(EOS_ID)
-    return jnp.broadcast_to(caption, (batch_size, length))
-
-
 def drop_captions(text: jax.Array, rng: jax.Array, probability: float) -> jax.Array:
     if probability <= 0:
         return text
@@ -59,48 +52,33 @@ def drop_captions(text: jax.Array, rng: jax.Array, probability: float) -> jax.Ar
     return jnp.where(drop[:, None], empty_captions(*text.shape), text)
 
 
-class DalleTask:
+class DalleTask(Task):
     name = "dalle"
 
-    def __init__(self, config, dvae_model_config=None):
-        """`dvae_model_config` stands in for a trained dVAE's when only shapes matter (planning
-        a pod's memory before any dVAE exists); training loads the one in `task.dvae_workdir`."""
-        from dalle_jax.training import restore
-
+    def __init__(self, config, dvae: DVAE):
+        """`dvae`: the trained dVAE whose encoder turns images into tokens, or its abstract
+        `nnx.eval_shape` where only shapes matter (planning a pod's memory)."""
         self.config = config
         task = config.task
         self.model_config = dalle_model.dalle_config(config.model, config.text,
                                                      config.train.compute_dtype)
-        dvae_source = "the given dVAE config"
-        if dvae_model_config is None:
-            dvae_source = repr(task.dvae_workdir)
-            if not task.dvae_workdir:
-                raise ValueError("config.task.dvae_workdir is empty: the transformer needs a "
-                                 "trained dVAE's workdir to turn images into tokens")
-            dvae_config = restore.load_config(task.dvae_workdir)
-            if dvae_config.task.name != "dvae":
-                raise ValueError(f"config.task.dvae_workdir={task.dvae_workdir!r} holds a "
-                                 f"{dvae_config.task.name!r} run, not a dVAE")
-            dvae_model_config = dvae_config.model
-        self._check_dvae_matches(dvae_model_config, dvae_source)
-        self.dvae_model_config = dvae_model_config
-        self.dvae_graphdef = nnx.graphdef(self._abstract_dvae())
+        self._check_dvae_matches(dvae)
+        self.dvae_graphdef, self.dvae_state = nnx.split(dvae)
         for key in ("text_loss_weight", "image_loss_weight"):
             if task[key] < 0:
                 raise ValueError(f"config.task.{key}={task[key]} must be >= 0")
         if not 0 <= task.caption_dropout < 1:
             raise ValueError(f"config.task.caption_dropout={task.caption_dropout} must be in [0, 1)")
 
-    def _check_dvae_matches(self, dvae, source: str):
+    def _check_dvae_matches(self, dvae: DVAE):
         cfg, data = self.config, self.config.data
-        grid = dvae.image_size // 2 ** (dvae.num_groups - 1)
         for what, ours, theirs in (
-                ("config.model.grid_size", cfg.model.grid_size, grid),
+                ("config.model.grid_size", cfg.model.grid_size, dvae.grid_size),
                 ("config.model.image_vocab_size", cfg.model.image_vocab_size, dvae.vocab_size),
                 ("config.data.image_size", data.image_size, dvae.image_size)):
             if ours != theirs:
-                raise ValueError(f"{what}={ours} does not match the dVAE in "
-                                 f"{source} ({theirs})")
+                raise ValueError(f"{what}={ours} does not match the dVAE of "
+                                 f"config.task.dvae_workdir={cfg.task.dvae_workdir!r} ({theirs})")
 
     # --- the Task interface -------------------------------------------------------------
 
@@ -111,21 +89,12 @@ class DalleTask:
         """The transformer's training FLOPs per example (the dVAE's encoding is not counted)."""
         return dalle_model.flops_per_example(self.model_config)
 
+    def tokens_per_example(self) -> int:
+        return self.model_config.text_length + self.model_config.image_length
+
     def frozen_state(self) -> nnx.State:
-        """The dVAE's (EMA) weights, which every step uses and none trains."""
-        from dalle_jax.training import restore
-
-        model, _ = restore.load_model(self.config.task.dvae_workdir)
-        return nnx.state(model)
-
-    def abstract_frozen_state(self) -> nnx.State:
-        """`frozen_state()`'s shapes and dtypes, without a trained dVAE."""
-        return nnx.state(self._abstract_dvae())
-
-    def _abstract_dvae(self) -> DVAE:
-        return nnx.eval_shape(lambda: DVAE(self.dvae_model_config,
-                                           jnp.dtype(self.config.train.compute_dtype),
-                                           nnx.Rngs(0)))
+        """The dVAE's weights, which every step uses and none trains."""
+        return self.dvae_state
 
     def image_tokens(self, batch) -> jax.Array:
         dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])

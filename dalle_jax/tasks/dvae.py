@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dalle_jax.models import dvae as dvae_model
 from dalle_jax.models.dvae import DVAE, map_pixels, to_unit_float, unmap_pixels
+from dalle_jax.tasks.task import Task
 
 LOG_IMAGES_MAX = 8
 
@@ -140,7 +142,7 @@ def image_grid(top: jax.Array, bottom: jax.Array) -> jax.Array:
 
 # --- the task -----------------------------------------------------------------------------
 
-class DVAETask:
+class DVAETask(Task):
     name = "dvae"
 
     def __init__(self, config):
@@ -154,8 +156,7 @@ class DVAETask:
         self.temperature = temperature_schedule(config.task)
 
     def build_model(self, rngs: nnx.Rngs) -> DVAE:
-        return DVAE(self.config.model, jnp.dtype(self.config.train.compute_dtype), rngs,
-                    eps=self.eps)
+        return dvae_model.from_config(self.config, rngs)
 
     def loss(self, model: DVAE, batch: dict, rng: jax.Array, step: jax.Array):
         x = to_unit_float(batch["image"])

@@ -15,7 +15,6 @@ import sentencepiece as spm
 from absl import logging
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-MODEL_FILENAME = "tokenizer.model"
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, path: str) -> "Tokenizer":

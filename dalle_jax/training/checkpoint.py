@@ -6,18 +6,13 @@ Every process writes its own shards (Orbax) and its own iterator file (Grain's h
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-STATE, DATA = "state", "data"
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+from dalle_jax.workdir import DATA, STATE, checkpoint_manager
 
 
 class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
@@ -55,22 +50,18 @@ class DataRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
-def manager(workdir: str, *, keep: int = 3, every: int = 1, read_only: bool = False
-            ) -> ocp.CheckpointManager:
+def manager(workdir: str, *, keep: int = 3, every: int = 1) -> ocp.CheckpointManager:
     """Saves every `every` steps (and, as Orbax does, the first step a run saves at, which
     shows early that the workdir is writable); with `every` = 0 only forced saves (the end of
     training, preemption)."""
     policies = ocp.checkpoint_managers
     save_policy = None if every > 0 else policies.AnySavePolicy(
         [policies.PreemptionCheckpointingPolicy()])
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: DataCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(every, 1),
-            save_decision_policy=save_policy, read_only=read_only, create=not read_only,
-            enable_async_checkpointing=True))
+    return checkpoint_manager(
+        workdir, read_only=False,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataCheckpointHandler()},
+        max_to_keep=keep, save_interval_steps=max(every, 1), save_decision_policy=save_policy,
+        enable_async_checkpointing=True)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, batches, *, force: bool = False) -> bool:
@@ -80,6 +71,19 @@ def save(mgr: ocp.CheckpointManager, step: int, state, batches, *, force: bool =
         DATA: DataSave(batches)}))
 
 
+def save_state(workdir: str, step: int, state) -> None:
+    """A checkpoint of the train state alone (no data iterator: a converted model, a
+    benchmark's), written before this returns."""
+    mgr = manager(workdir, keep=1)
+    try:
+        if not mgr.save(step, force=True, args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardSave(state)})):
+            raise RuntimeError(f"Orbax declined to save step {step} in {workdir}")
+        mgr.wait_until_finished()
+    finally:
+        mgr.close()
+
+
 def restore(mgr: ocp.CheckpointManager, abstract_state, batches, step: int | None = None):
     """The train state at `step` (default: the latest), sharded as `abstract_state` says;
     `batches` is repositioned to continue where that step left off."""
@@ -87,16 +91,4 @@ def restore(mgr: ocp.CheckpointManager, abstract_state, batches, step: int | Non
     restored = mgr.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
         DATA: DataRestore(batches)}))
-    return restored[STATE]
-
-
-def restore_state_only(workdir: str, abstract_state, step: int | None = None):
-    """The train state of a finished run, e.g. to load a trained model for inference."""
-    mgr = manager(workdir, read_only=True)
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train this stage "
-                                f"first (python train.py --config ... --workdir {workdir})")
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE]

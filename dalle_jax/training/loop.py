@@ -1,9 +1,11 @@
 """The one training loop: every model (dVAE, transformer, CLIP) trains here through a Task."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +15,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dalle_jax import run, tasks
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data import input_pipeline
 from dalle_jax.sharding import logical
-from dalle_jax.data import pipeline
-from dalle_jax.training import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
-from dalle_jax.training import state as state_lib
+from dalle_jax.tasks.task import Task
+from dalle_jax.training import checkpoint, metrics as metrics_lib, optimizer, setup
+from dalle_jax.training import state as state_lib, step as step_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -74,8 +77,8 @@ class StepProfiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
-            logging.warning("profiler trace of steps %d-%d in %s", self.start, self.stop,
-                            self.directory)
+            logging.info("profiler trace of steps %d-%d in %s", self.start, self.stop,
+                         self.directory)
 
 
 def flops_per_step(compiled) -> float:
@@ -89,52 +92,100 @@ def flops_per_step(compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def compile_train_step(train_step, state, batch, frozen, state_shardings, mesh, rules):
-    """The train step lowered and compiled for these arguments, concrete or abstract
-    (ShapeDtypeStructs with shardings: `dalle_jax.plan` compiles a pod's step that way):
-    explicit in/out shardings, the state donated."""
-    batch_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding, (batch, frozen))
-    replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                     out_shardings=(state_shardings, replicated), donate_argnums=0)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        return jitted.lower(state, batch, frozen).compile()
-
-
 def _sum_trees(a, b):
     return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+def place_frozen(task: Task, mesh, rules):
+    """The task's frozen inputs (e.g. the transformer's dVAE) sharded by their logical axes
+    like parameters; abstract ones become ShapeDtypeStructs with those shardings (planning);
+    None for tasks without any."""
+    frozen = task.frozen_state()
+    if frozen is None:
+        return None
+    shardings = logical.state_shardings(frozen, mesh, rules)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+        return state_lib.abstract_arrays(frozen, shardings)
+    # Through the host: every process holds the whole (small) state and gives each of its
+    # devices its part, which also works when the mesh spans several processes.
+    host = jax.device_get(frozen)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        host, shardings)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """A run's train step before any data or device memory: the optimizer, where every array
+    of the train state lives, and the step function. `Trainer` runs it and `dalle_jax.plan`
+    compiles it for a pod's mesh from abstract arrays."""
+    task: Task
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: object
+    schedule: Callable
+    graphdef: nnx.GraphDef
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs with their target shardings
+    init: Callable[[], state_lib.TrainState]
+    train_step: Callable
+    frozen: object  # the task's frozen inputs, placed (or abstract); None without any
+
+    @property
+    def shardings(self):
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+    def compile(self, state, batch):
+        """The train step lowered and compiled for these arguments, concrete or abstract:
+        explicit in/out shardings, the state donated."""
+        batch_shardings, frozen_shardings = jax.tree.map(lambda x: x.sharding,
+                                                         (batch, self.frozen))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+        jitted = jax.jit(self.train_step,
+                         in_shardings=(self.shardings, batch_shardings, frozen_shardings),
+                         out_shardings=(self.shardings, replicated), donate_argnums=0)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            return jitted.lower(state, batch, self.frozen).compile()
+
+    def flops_per_step(self, compiled, batch_size: int) -> float:
+        """FLOPs of one step over all devices: the task's own count when it has one (XLA's
+        cost analysis counts a scanned layer once, and every score block a mask removes),
+        else XLA's per-device figure times the devices."""
+        per_example = self.task.flops_per_example()
+        if per_example is not None:
+            return per_example * batch_size
+        return flops_per_step(compiled) * self.mesh.size
+
+
+def plan_step(config, task: Task, mesh: jax.sharding.Mesh) -> StepPlan:
+    rules = logical.normalize_rules(config.sharding.rules)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
+    graphdef, abstract_state, init = state_lib.plan_train_state(
+        task, tx, mesh, rules, seed=config.seed, ema=config.optimizer.ema_decay > 0)
+    return StepPlan(task=task, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
+                    graphdef=graphdef, abstract_state=abstract_state, init=init,
+                    train_step=step_lib.make_train_step(task, tx, schedule, graphdef, config),
+                    frozen=place_frozen(task, mesh, rules))
 
 
 class Trainer:
     """Compiled steps and the data for one run; `train()` below is the entry point."""
 
-    def __init__(self, config, workdir: str, task=None):
-        self.config, self.workdir = config, workdir
-        self.mesh, self.tokenizer = run.setup(config, workdir)
-        self.task = tasks.get_task(config) if task is None else task
-        self.tx, self.schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
-        self.rules = logical.normalize_rules(config.sharding.rules)
-        self.graphdef, self.abstract_state, self._init = state_lib.plan_train_state(
-            self.task, self.tx, self.mesh, self.rules, seed=config.seed,
-            ema=config.optimizer.ema_decay > 0)
-        self.shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-        self.frozen = self._place_frozen()
-        self._train_step = step_lib.make_train_step(self.task, self.tx, self.schedule,
-                                                    self.graphdef, config)
+    def __init__(self, config, workdir: str, task: Task, root: str | None = None):
+        """`root`: the pipeline workdir this run is a stage of, if any."""
+        self.config, self.workdir, self.task = config, workdir, task
+        self.mesh, self.tokenizer = setup.setup(config, workdir, root)
+        self.plan = plan_step(config, task, self.mesh)
+        self.rules, self.graphdef = self.plan.rules, self.plan.graphdef
+        self.abstract_state, self.frozen = self.plan.abstract_state, self.plan.frozen
         self.compiled_train_step = None
         self.flops_per_step = 0.0
         # Built once: a new function object per call would recompile at every evaluation.
-        self._eval_step = self._under_mesh(step_lib.make_eval_step(self.task, self.graphdef))
-        self._images_step = self._under_mesh(step_lib.make_images_step(self.task, self.graphdef))
+        self._eval_step = self._under_mesh(step_lib.make_eval_step(task, self.graphdef))
+        self._images_step = self._under_mesh(step_lib.make_images_step(task, self.graphdef))
 
-    def _place_frozen(self):
-        """The task's frozen inputs (e.g. the transformer's dVAE), sharded by their logical
-        axes like parameters; None for tasks without any."""
-        frozen_state = getattr(self.task, "frozen_state", None)
-        if frozen_state is None:
-            return None
-        frozen = frozen_state()
-        return jax.device_put(frozen, logical.state_shardings(frozen, self.mesh, self.rules))
+    def init_state(self) -> state_lib.TrainState:
+        """A fresh train state, every array created on the devices that own it."""
+        return self.plan.init()
 
     def _under_mesh(self, fn):
         """`fn` jit-compiled, called with the mesh and rules active (they apply while tracing)."""
@@ -147,18 +198,9 @@ class Trainer:
         return call
 
     def compile_train_step(self, state, batch):
-        self.compiled_train_step = compile_train_step(
-            self._train_step, state, batch, self.frozen, self.shardings, self.mesh, self.rules)
-        self.flops_per_step = self._step_flops()
-
-    def _step_flops(self) -> float:
-        """FLOPs of one step over all devices: the task's own count when it has one (XLA's
-        cost analysis counts a scanned layer once, and every score block a mask removes),
-        else XLA's per-device figure times the devices."""
-        per_example = getattr(self.task, "flops_per_example", None)
-        if per_example is not None:
-            return per_example() * self.config.data.batch_size
-        return flops_per_step(self.compiled_train_step) * self.mesh.size
+        self.compiled_train_step = self.plan.compile(state, batch)
+        self.flops_per_step = self.plan.flops_per_step(self.compiled_train_step,
+                                                       self.config.data.batch_size)
 
     def train_step(self, state, batch):
         """One compiled step (compiled on first use): (new state, metrics)."""
@@ -166,9 +208,9 @@ class Trainer:
             self.compile_train_step(state, batch)
         return self.compiled_train_step(state, batch, self.frozen)
 
-    def batches(self, split: str, training: bool) -> pipeline.GlobalBatches:
-        return pipeline.global_batches(self.config, split, self.mesh, self.tokenizer,
-                                       training=training)
+    def batches(self, split: str, training: bool) -> input_pipeline.GlobalBatches:
+        return input_pipeline.global_batches(self.config, split, self.mesh, self.tokenizer,
+                                             training=training)
 
     def evaluate(self, state) -> dict[str, float]:
         params = step_lib.eval_params(state)
@@ -183,18 +225,18 @@ class Trainer:
         return {**metrics, **self._evaluate_model(params, state.rest)}
 
     def _evaluate_model(self, params, rest) -> dict[str, float]:
-        """A task's host-side evaluation of the whole model (e.g. CLIP's zero-shot accuracy),
-        if it has one. It feeds host arrays to the model, which a multi-process run cannot."""
-        evaluate_model = getattr(self.task, "evaluate_model", None)
-        if evaluate_model is None or jax.process_count() > 1:
+        """The task's host-side evaluation of the whole model (e.g. CLIP's zero-shot
+        accuracy). It feeds host arrays to the model, which a multi-process run cannot."""
+        if jax.process_count() > 1:
             return {}
         model = nnx.merge(self.graphdef, params, rest)
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            return evaluate_model(model, self.tokenizer)
+            return self.task.evaluate_model(model, self.tokenizer)
 
-    def image_grid(self, state, batch) -> np.ndarray:
-        return np.asarray(jax.device_get(self._images_step(
-            step_lib.eval_params(state), state.rest, batch, self.frozen)))
+    def image_grid(self, state, batch) -> np.ndarray | None:
+        """The task's logged images of `batch`; None for a task that logs none."""
+        grid = self._images_step(step_lib.eval_params(state), state.rest, batch, self.frozen)
+        return None if grid is None else np.asarray(jax.device_get(grid))
 
 
 def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
@@ -205,7 +247,7 @@ def check_nonfinite(step: int, step_metrics, limit: int, workdir: str) -> None:
         raise NonFiniteError(
             f"step {step}: {in_row} non-finite losses or gradients in a row "
             f"(config.train.max_nonfinite_in_row={limit}); the last checkpoint is in "
-            f"{checkpoint.checkpoint_dir(workdir)}")
+            f"{workdir_lib.checkpoint_dir(workdir)}")
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -213,24 +255,24 @@ def _due(step: int, every: int, last: int) -> bool:
     return every > 0 and (step % every == 0 or step == last)
 
 
-def train(config, workdir: str, task=None, *, stop_after: int | None = None
-          ) -> state_lib.TrainState:
-    """Trains `config.task` (or the given `task`) to `config.train.steps`, resuming from
-    `workdir` if it has a checkpoint; returns the final train state.
+def train(config, workdir: str, task: Task, *, root: str | None = None,
+          stop_after: int | None = None) -> state_lib.TrainState:
+    """Trains `task` to `config.train.steps`, resuming from `workdir` if it has a checkpoint;
+    returns the final train state. `root`: the pipeline workdir this run is a stage of.
 
     `stop_after` ends this call (with a checkpoint) after that many steps, e.g. to fit a job
     into a scheduler's time slot; a later call continues the same schedule.
     """
-    trainer = Trainer(config, workdir, task)
+    trainer = Trainer(config, workdir, task, root)
     tcfg = config.train
     batches = trainer.batches(config.data.train_split, training=True)
     mgr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
     if mgr.latest_step() is not None:
         state = checkpoint.restore(mgr, trainer.abstract_state, batches)
-        logging.warning("resumed from step %d of %s", int(state.step),
-                        checkpoint.checkpoint_dir(workdir))
+        logging.info("resumed from step %d of %s", int(state.step),
+                     workdir_lib.checkpoint_dir(workdir))
     else:
-        state = trainer._init()
+        state = trainer.init_state()
     first_step = int(state.step)
     writer = metrics_lib.MetricWriter(workdir)
     preemption = Preemption()
@@ -238,7 +280,7 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
     image_batch = None
     # A few updates a minute: logs of batch jobs stay readable.
     progress = tqdm(total=tcfg.steps, initial=first_step, disable=jax.process_index() != 0,
-                    desc=f"train {config.task.name}", dynamic_ncols=True, mininterval=10.0)
+                    desc=f"train {task.name}", dynamic_ncols=True, mininterval=10.0)
     try:
         interval_start, interval_steps = time.perf_counter(), 0
         pending_check = (first_step, None)
@@ -270,7 +312,9 @@ def train(config, workdir: str, task=None, *, stop_after: int | None = None
                 if image_batch is None:  # The same images every time, so grids compare.
                     with trainer.batches(config.data.eval_split, training=False) as eval_batches:
                         image_batch = next(eval_batches)
-                writer.image(step, config.task.name, trainer.image_grid(state, image_batch))
+                grid = trainer.image_grid(state, image_batch)
+                if grid is not None:
+                    writer.image(step, task.name, grid)
             stop = preemption.should_stop(step) or (
                 stop_after is not None and step - first_step >= stop_after)
             checkpoint.save(mgr, step, state, batches, force=stop or step == tcfg.steps)

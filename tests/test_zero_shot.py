@@ -1,4 +1,4 @@
-"""Zero-shot CLIP readings (evaluation/retrieval.py) against a scorer that knows the truth.
+"""Zero-shot CLIP readings (tasks/zero_shot.py) against a scorer that knows the truth.
 
 The stand-in scorer's "embeddings" make image i's score for a caption the judge's verdict on
 image i's ground-truth objects, so a perfect reader must get every reading right, and one blind
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dalle_jax.data import synthetic_shapes
-from dalle_jax.evaluation import judge, retrieval
+from dalle_jax.evaluation import judge
+from dalle_jax.tasks import zero_shot
 
 _PLACES = re.compile(r" in the (top|bottom) (left|right)")
 _RELATIONS = re.compile(r" (to the left of|to the right of|above|below) ")
@@ -22,7 +23,7 @@ class TruthScorer:
 
     def __init__(self, images, objects, blind=False):
         self.keys = [im.tobytes() for im in images]
-        self.truth = [judge.as_object_list(o) for o in objects]
+        self.truth = [synthetic_shapes.as_object_list(o) for o in objects]
         self.blind = blind
 
     def image_embeddings(self, images):
@@ -40,34 +41,34 @@ class TruthScorer:
 def scenes():
     examples = [synthetic_shapes.generate_example(0, "validation", i, 32) for i in range(120)]
     return (np.stack([e["image"] for e in examples]),
-            [judge.as_object_list(e["objects"]) for e in examples])
+            [synthetic_shapes.as_object_list(e["objects"]) for e in examples])
 
 
 def test_relation_pairs_are_a_true_caption_and_its_reversal(scenes):
     images, objects = scenes
-    pairs = [(i, p) for i, o in enumerate(objects) for p in retrieval.relation_pairs(o)]
+    pairs = [(i, p) for i, o in enumerate(objects) for p in zero_shot.relation_pairs(o)]
     assert len(pairs) > 20
     for i, (true, reversed_) in pairs:
         assert judge.matches(images[i], true), true  # read from the pixels
         assert not judge.matches(images[i], reversed_), reversed_
     diagonal = [o for o in objects if len(o) == 2 and o[0]["row"] != o[1]["row"]
                 and o[0]["col"] != o[1]["col"]]
-    assert diagonal and all(retrieval.relation_pairs(o) == [] for o in diagonal)
+    assert diagonal and all(zero_shot.relation_pairs(o) == [] for o in diagonal)
 
 
 def test_a_reader_of_the_truth_gets_every_zero_shot_reading_right(scenes):
     images, objects = scenes
-    result = retrieval.zero_shot_accuracy(TruthScorer(images, objects), images, objects)
+    result = zero_shot.zero_shot_accuracy(TruthScorer(images, objects), images, objects)
     single = [o for o in objects if len(o) == 1]
     assert result["count"] == len(single)
-    assert result["relation_pairs"] == sum(len(retrieval.relation_pairs(o)) for o in objects)
+    assert result["relation_pairs"] == sum(len(zero_shot.relation_pairs(o)) for o in objects)
     for name in ("colour", "shape", "position", "relation"):
         assert result[f"{name}_accuracy"] == 1.0, (name, result)
 
 
 def test_a_reader_blind_to_places_scores_what_ties_give_it(scenes):
     images, objects = scenes
-    result = retrieval.zero_shot_accuracy(TruthScorer(images, objects, blind=True), images,
+    result = zero_shot.zero_shot_accuracy(TruthScorer(images, objects, blind=True), images,
                                           objects)
     single = [o[0] for o in objects if len(o) == 1]
     assert result["colour_accuracy"] == result["shape_accuracy"] == 1.0

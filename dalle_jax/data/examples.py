@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 
+from dalle_jax.data import sources
+
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
@@ -15,8 +17,6 @@ class Examples:
 
 def load_examples(config, split: str | None = None, limit: int = 0) -> Examples:
     """The first `limit` (0 = all) examples of `split` (default: the run's evaluation split)."""
-    from dalle_jax.data import sources
-
     builder = sources.prepared_builder(config.data)
     source = sources.data_source(builder, split or config.data.eval_split)
     count = len(source) if not limit else min(limit, len(source))

@@ -1,4 +1,6 @@
-"""What every entrypoint does before its real work: mesh, data, tokenizer, a workdir record."""
+"""What a training run does before its first step: config checks, the other hosts, the mesh,
+the data set, the tokenizer and the workdir's config record (and the input report of a config
+without a model)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dalle_jax import config_lib
-from dalle_jax.data import pipeline, sources
+from dalle_jax import workdir as workdir_lib
+from dalle_jax.data import input_pipeline, sources
 from dalle_jax.sharding import logical, mesh as mesh_lib
 from dalle_jax.text import tokenizer as tokenizer_lib
 
@@ -30,13 +33,9 @@ def first_process_then_all(name: str, make: Callable[[], T], load: Callable[[], 
     return load()
 
 
-def tokenizer_path(config, workdir: str) -> str:
-    return config.text.tokenizer or os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
-
-
 def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     """The run's tokenizer; trained on the training split's captions when the workdir has none."""
-    path = tokenizer_path(config, workdir)
+    path = workdir_lib.tokenizer_path(config, workdir)
 
     def make():
         if os.path.exists(path) or config.text.tokenizer:
@@ -55,14 +54,9 @@ def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     return tokenizer
 
 
-def write_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-
-def setup(config, workdir: str):
-    """Validates the config, joins the other hosts, builds mesh, data set and tokenizer."""
+def setup(config, workdir: str, root: str | None = None):
+    """Validates the config, joins the other hosts, builds mesh, data set and tokenizer, and
+    records the config in `workdir` (`root`: the pipeline workdir it is a stage of, if any)."""
     config_lib.validate(config)
     mesh_lib.initialize_distributed(config)
     mesh = mesh_lib.build_mesh(config.mesh)
@@ -72,7 +66,7 @@ def setup(config, workdir: str):
         raise ValueError(f"config.data.batch_size={config.data.batch_size} does not divide "
                          f"over the {ways} batch shards of mesh {dict(mesh.shape)}")
     os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
+    workdir_lib.write_config(config, workdir, root)
     first_process_then_all("data", lambda: sources.prepared_builder(config.data),
                            lambda: sources.prepared_builder(config.data))
     tokenizer = load_or_train_tokenizer(config, workdir)
@@ -82,11 +76,11 @@ def setup(config, workdir: str):
 def input_report(config, workdir: str) -> dict:
     """A batch's shapes and sharding and the pipeline's throughput for `config`."""
     mesh, tokenizer = setup(config, workdir)
-    batches = pipeline.global_batches(config, config.data.train_split, mesh, tokenizer,
+    batches = input_pipeline.global_batches(config, config.data.train_split, mesh, tokenizer,
                                       training=True)
     try:
         first = next(batches)
-        throughput = pipeline.measure_throughput(batches, config.report_batches)
+        throughput = input_pipeline.measure_throughput(batches, config.report_batches)
     finally:
         batches.close()
     report = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from dalle_jax.data import augment, pipeline, sources
+from dalle_jax.data import augment, input_pipeline, sources
 from dalle_jax.sharding import mesh as mesh_lib
 
 
@@ -41,11 +41,11 @@ def source_digests(config, split):
 
 def test_same_seed_same_batches_other_seed_other_batches(mini_config, mini_tokenizer):
     config = mini_config()
-    first = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
-    again = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    first = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    again = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
     assert_same_batches(first, again)
     config.seed = 1
-    other = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    other = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
@@ -54,7 +54,7 @@ def test_batches_hold_tokenized_captions_of_their_images(mini_config, mini_token
     source = sources.data_source(sources.prepared_builder(config.data), "validation")
     by_image = {digest(source[i]["image"]): sources.as_text(source[i]["caption"])
                 for i in range(len(source))}
-    batch = take(pipeline.make_loader(config, "validation", mini_tokenizer, training=False), 1)[0]
+    batch = take(input_pipeline.make_loader(config, "validation", mini_tokenizer, training=False), 1)[0]
     assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["text"].shape == (32, 32) and batch["text"].dtype == np.int32
     for image, text in zip(batch["image"], batch["text"]):
@@ -68,7 +68,7 @@ def test_host_shards_are_disjoint_and_cover_the_split(mini_config, mini_tokenize
     reference = source_digests(config, "validation")
     seen = []
     for index in range(process_count):
-        loader = pipeline.make_loader(config, "validation", mini_tokenizer, training=False,
+        loader = input_pipeline.make_loader(config, "validation", mini_tokenizer, training=False,
                                       process_index=index, process_count=process_count)
         host = [digest(image) for batch in loader for image in batch["image"]]
         assert len(host) == len(reference) // process_count
@@ -85,8 +85,8 @@ def test_training_hosts_read_their_pieces_of_one_global_stream(mini_config, mini
     config = mini_config()
     config.data.batch_size = 20
     # The reference: one process reading whole global batches (300 records = 15 batches).
-    whole = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 15)
-    hosts = [take(pipeline.make_loader(config, "train", mini_tokenizer, training=True,
+    whole = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 15)
+    hosts = [take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True,
                                        process_index=index, process_count=2), 15)
              for index in range(2)]
     for step, global_batch in enumerate(whole):
@@ -101,9 +101,9 @@ def test_training_hosts_read_their_pieces_of_one_global_stream(mini_config, mini
 
 def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini_tokenizer):
     config = mini_config()
-    in_process = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 4)
+    in_process = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 4)
     config.data.workers = 2
-    iterator = iter(pipeline.make_loader(config, "train", mini_tokenizer, training=True))
+    iterator = iter(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True))
     with_workers = take(iterator, 2)
     state = json.loads(json.dumps(iterator.get_state()))
     with_workers += take(iterator, 2)
@@ -114,9 +114,9 @@ def test_worker_processes_do_not_change_the_batches_and_resume(mini_config, mini
 
 def test_read_threads_do_not_change_the_batches(mini_config, mini_tokenizer):
     config = mini_config()
-    eight = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
+    eight = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 3)
     config.data.read_threads = 2
-    assert_same_batches(take(pipeline.make_loader(config, "train", mini_tokenizer,
+    assert_same_batches(take(input_pipeline.make_loader(config, "train", mini_tokenizer,
                                                   training=True), 3), eight)
 
 
@@ -145,13 +145,13 @@ def test_resume_from_saved_state_gives_exactly_the_next_batch(mini_config, mini_
     config.text.bpe_dropout = 0.3
     config.data.augment.flip = True
     mesh = mesh_of((4, 2, 1))
-    batches = pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
+    batches = input_pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
     take(batches, 4)
     state = batches.get_state()
     expected = take(batches, 3)
     batches.close()
 
-    resumed = pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
+    resumed = input_pipeline.global_batches(config, "train", mesh, mini_tokenizer, training=True)
     resumed.set_state(state)
     assert_same_batches(take(resumed, 3), expected)
     resumed.close()
@@ -159,7 +159,7 @@ def test_resume_from_saved_state_gives_exactly_the_next_batch(mini_config, mini_
 
 def test_set_state_mid_stream_discards_prefetched_batches(mini_config, mini_tokenizer):
     config = mini_config()
-    batches = pipeline.global_batches(config, "train", mesh_of((8, 1, 1)), mini_tokenizer,
+    batches = input_pipeline.global_batches(config, "train", mesh_of((8, 1, 1)), mini_tokenizer,
                                       training=True)
     start = batches.get_state()
     first = take(batches, 2)
@@ -172,7 +172,7 @@ def test_set_state_mid_stream_discards_prefetched_batches(mini_config, mini_toke
 def test_global_batch_lands_on_the_mesh_with_batch_sharding(mini_config, mini_tokenizer, shape):
     config = mini_config()
     mesh = mesh_of(shape)
-    batches = pipeline.global_batches(config, "validation", mesh, mini_tokenizer, training=False)
+    batches = input_pipeline.global_batches(config, "validation", mesh, mini_tokenizer, training=False)
     batch = next(batches)
     batches.close()
     host = jax.device_get(batch)
@@ -189,7 +189,7 @@ def test_global_batch_lands_on_the_mesh_with_batch_sharding(mini_config, mini_to
 
 def test_evaluation_pads_the_last_batch_and_masks_it(mini_config, mini_tokenizer):
     config = mini_config()  # 100 validation records, batches of 32: 3 full + 4 real rows.
-    batches = list(pipeline.global_batches(config, "validation", mesh_of((8, 1, 1)),
+    batches = list(input_pipeline.global_batches(config, "validation", mesh_of((8, 1, 1)),
                                            mini_tokenizer, training=False))
     masks = [np.asarray(b["mask"]) for b in batches]
     assert [int(m.sum()) for m in masks] == [32, 32, 32, 4]
@@ -236,7 +236,7 @@ def test_grey_training_views_lose_their_colour_words_and_evaluation_views_stay(
     config.data.augment.greyscale = 0.5
     config.data.augment.colour_words = COLOURS
     config.data.contrast_words = (COLOURS, ("circle", "square", "triangle"))
-    batch = take(pipeline.make_loader(config, "train", mini_tokenizer, training=True), 1)[0]
+    batch = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 1)[0]
     grey = (batch["image"] == batch["image"][..., :1]).all(axis=(1, 2, 3))
     assert 0 < grey.sum() < len(grey)  # p = 0.5 over 32 views
     for is_grey, text, negatives in zip(grey, batch["text"], batch["negative_text"]):
@@ -244,7 +244,7 @@ def test_grey_training_views_lose_their_colour_words_and_evaluation_views_stay(
         assert bool(named) != is_grey  # every synthetic_shapes caption names a colour
         for negative in negatives:
             assert bool(set(mini_tokenizer.decode(negative).split()) & set(COLOURS)) != is_grey
-    evaluation = take(pipeline.make_loader(config, "validation", mini_tokenizer,
+    evaluation = take(input_pipeline.make_loader(config, "validation", mini_tokenizer,
                                            training=False), 1)[0]
     assert not (evaluation["image"] == evaluation["image"][..., :1]).all(axis=(1, 2, 3)).any()
 
@@ -263,9 +263,9 @@ def test_an_input_error_reaches_the_training_thread(mini_config, mini_tokenizer)
                 raise OSError("record 9 is unreadable")
             return good
 
-    loader = pipeline.make_loader(config, "train", mini_tokenizer, training=False,
+    loader = input_pipeline.make_loader(config, "train", mini_tokenizer, training=False,
                                   source=Broken())
-    batches = pipeline.GlobalBatches(loader, mesh_of((4, 1, 2)), config.sharding.rules, 4)
+    batches = input_pipeline.GlobalBatches(loader, mesh_of((4, 1, 2)), config.sharding.rules, 4)
     take(batches, 2)
     for _ in range(2):  # It keeps raising rather than hanging.
         with pytest.raises(OSError, match="record 9"):
