@@ -16,7 +16,6 @@ written (best first); `candidates_<prompt index>.png` shows all N in drawing ord
 A thin layer over `dalle_jax.sampling.generator.Generator`.
 """
 import os
-import sys
 
 from absl import flags, logging
 
@@ -128,7 +127,7 @@ def main(argv):
                 reranked = None
                 images = generate(prompts, FLAGS.n, FLAGS.seed, progress=bar.update, **settings)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"sample.py: {e}")
+        cli.fail(e)
     write_outputs(prompts, images, FLAGS.out, reranked)
     logging.info("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
     print(f"images in {os.path.abspath(FLAGS.out)}")

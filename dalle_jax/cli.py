@@ -2,7 +2,7 @@
 
 Each command (`train.py`, `sample.py`, `python -m dalle_jax.serve`, `.evaluate`, `.plan`,
 `.evaluation.reconstruction`, `.evaluation.retrieval`, `.convert.openai_dvae`) defines absl
-flags and starts with `cli.run(main)`. Its progress goes to `logging.info` and is shown; the
+flags, starts with `cli.run(main)` and ends a bad input with `cli.fail(error)`, one line. Its progress goes to `logging.info` and is shown; the
 INFO lines of the libraries underneath (TFDS, Orbax, Grain, JAX) are not, as they would bury
 it, while their warnings and errors are. An explicit `--verbosity` (`-v 0`) shows everything.
 """
@@ -39,6 +39,18 @@ def show_own_progress() -> None:
     logging.set_verbosity(logging.INFO)
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     logging.get_absl_handler().addFilter(_OwnInfoOnly(script))
+
+
+def program() -> str:
+    """How the running command was started: `dalle_jax.evaluate` for `python -m ...`, else
+    the script's name (`sample.py`)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else os.path.basename(sys.argv[0])
+
+
+def fail(error: Exception) -> None:
+    """Ends the command with a one-line error naming it, e.g. `sample.py: --n=0 must be ...`."""
+    sys.exit(f"{program()}: {error}")
 
 
 def run(main: Callable[[list[str]], None]) -> None:

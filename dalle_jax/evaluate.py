@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 from absl import flags
@@ -211,7 +210,7 @@ def main(argv) -> None:
         options = dataclasses.replace(options, guidance=guidance_scales(flags.FLAGS.guidance))
         evaluate(flags.FLAGS.workdir, options)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"evaluate: {e}")
+        cli.fail(e)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main(argv):
             default_guidance=FLAGS.guidance, max_waiting=FLAGS.max_queue,
             limits=Limits(max_n=FLAGS.max_n, max_candidates=FLAGS.max_candidates))
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"dalle_jax.serve: {e}")
+        cli.fail(e)
     if FLAGS.warmup:
         logging.info("compiling the sampler")
         size = service.image_size

@@ -142,6 +142,7 @@ def pipeline_stage(workdir: str, stage: str) -> str:
 
 def rerankers(workdir: str) -> list[str]:
     """The CLIP runs of a pipeline workdir (clip/, grey_clip/), the ones trained."""
+    workdir = absolute(workdir)
     return [pipeline_stage(workdir, stage) for stage in RERANKER_STAGES
             if is_run(pipeline_stage(workdir, stage))]
 
@@ -151,6 +152,7 @@ def transformer_and_rerankers(workdir: str, clip_workdir: str | Sequence[str] | 
     """(the transformer's run, the CLIP runs that rerank its samples) of a pipeline workdir
     (its dalle/ and CLIPs) or a transformer's run (`clip_workdir`, none by default); a given
     `clip_workdir` (one or several; [] for none) replaces the pipeline's CLIPs."""
+    workdir = absolute(workdir)
     if clip_workdir is not None:
         clip_workdir = [clip_workdir] if isinstance(clip_workdir, str) else list(clip_workdir)
     if is_pipeline(workdir):

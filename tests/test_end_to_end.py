@@ -270,8 +270,9 @@ def test_evaluate_reports_every_setting_and_stage(pipeline_run, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--candidates=2", "--keep=3"], "evaluate: keep=3 must be between 1 and candidates=2"),
-    (["--guidance=2,x"], "evaluate: --guidance=2,x must be comma-separated numbers"),
+    (["--candidates=2", "--keep=3"],
+     "dalle_jax.evaluate: keep=3 must be between 1 and candidates=2"),
+    (["--guidance=2,x"], "dalle_jax.evaluate: --guidance=2,x must be comma-separated numbers"),
 ])
 def test_evaluate_command_names_a_bad_flag_in_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, "-m", "dalle_jax.evaluate",

@@ -1,6 +1,7 @@
 """CLIP scoring of any images, and best-of-N reranking of samples (API and sample.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from dalle_jax.models import dalle
 from dalle_jax.models.scorer import ClipScorer
 from dalle_jax.sampling import rerank
 from dalle_jax.sampling.generator import Generator
+from dalle_jax.sampling.outputs import to_pixels
 from dalle_jax.tasks import get_task
 from test_clip import small_config as small_clip_config
 from test_dalle import fast_rngs, small_config as small_dalle_config
@@ -220,3 +222,28 @@ def test_sample_cli_reranks_and_records_every_score(dalle_run, clip_run, tmp_pat
                           (("--keep", "2"), "only apply with --rerank")]:
         result = run_sample("--workdir", dalle_run, "--prompt", "a red circle", *args)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+
+
+def test_sample_cli_on_a_moved_pipeline_workdir_reranks_with_its_clips(pipeline_run, tmp_path):
+    """The main job's workdir, copied and moved, named relative to another directory: the
+    transformer and both CLIPs are found inside it, and the written images are the ones
+    `Generator.best_of` picks from the original workdir."""
+    shutil.copytree(pipeline_run, tmp_path / "copy")
+    os.rename(tmp_path / "copy", tmp_path / "moved")
+    out = tmp_path / "out"
+    prompts = ["a red circle above a blue square", "a green triangle"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--workdir", "moved",
+         *(f"--prompt={p}" for p in prompts), "--rerank", "4", "--keep", "2",
+         "--batch_size", "4", "--seed", "5", "--out", "out"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = Generator.from_workdir(pipeline_run, batch_size=4).best_of(
+        prompts, candidates=4, keep=2, seed=5)
+    with open(out / "samples.json") as f:
+        record = json.load(f)
+    np.testing.assert_allclose([c["score"] for c in record["candidates"]],
+                               expected.scores.reshape(-1), atol=1e-4)
+    written = np.stack([np.asarray(Image.open(out / f"{p:03d}_{r:03d}.png"))
+                        for p in range(2) for r in range(2)])
+    np.testing.assert_array_equal(written, to_pixels(expected.images))

@@ -9,7 +9,6 @@ data set's own `objects` feature exactly (same colours, shapes and cells, nothin
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 from absl import flags
@@ -73,7 +72,7 @@ def main(argv) -> None:
     try:
         report = report_for_workdir(flags.FLAGS.workdir, flags.FLAGS.limit)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"reconstruction: {e}")
+        cli.fail(e)
     print(json.dumps(report, indent=1))
 
 

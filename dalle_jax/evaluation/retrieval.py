@@ -16,7 +16,6 @@ them.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -86,7 +85,7 @@ def main(argv) -> None:
         report = report_for_workdir(flags.FLAGS.workdir, flags.FLAGS.split, flags.FLAGS.limit,
                                     flags.FLAGS.batch)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"retrieval: {e}")
+        cli.fail(e)
     print(json.dumps(report, indent=1))
 
 
