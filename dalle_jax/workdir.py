@@ -169,24 +169,9 @@ def transformer_and_rerankers(workdir: str, clip_workdir: str | Sequence[str] | 
 
 # --- checkpoints ----------------------------------------------------------------------------
 
-def checkpoint_manager(workdir: str, *, read_only: bool, item_handlers: dict,
-                       **options) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), item_handlers=item_handlers,
-        options=ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
-                                             **options))
-
-
 def latest_step(workdir: str) -> int | None:
-    """The newest checkpointed step of a run (None when it has none)."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        return None
-    mgr = checkpoint_manager(workdir, read_only=True,
-                             item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-    try:
-        return mgr.latest_step()
-    finally:
-        mgr.close()
+    """The newest finished checkpoint step of a run (None when it has none)."""
+    return max(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)), default=None)
 
 
 class Run:
@@ -234,8 +219,9 @@ class Run:
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         source = "ema" if use_ema and self.config.optimizer.ema_decay > 0 else "params"
         target = {source: params, "rest": rest}
+        rules = rules or self.config.sharding.rules
         restored = _restore_subtree(os.path.join(checkpoint_dir(self.path), str(step), STATE),
-                                    _with_shardings(target, mesh, rules or self.config.sharding.rules))
+                                    _with_shardings(target, mesh, rules))
         logging.info("loaded the %s parameters of step %d from %s", source, step, self.path)
         return nnx.merge(graphdef, restored[source], restored["rest"])
 

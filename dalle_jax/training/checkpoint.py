@@ -12,7 +12,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from dalle_jax.workdir import DATA, STATE, checkpoint_manager
+from dalle_jax.workdir import DATA, STATE, checkpoint_dir
 
 
 class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
@@ -57,11 +57,12 @@ def manager(workdir: str, *, keep: int = 3, every: int = 1) -> ocp.CheckpointMan
     policies = ocp.checkpoint_managers
     save_policy = None if every > 0 else policies.AnySavePolicy(
         [policies.PreemptionCheckpointingPolicy()])
-    return checkpoint_manager(
-        workdir, read_only=False,
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataCheckpointHandler()},
-        max_to_keep=keep, save_interval_steps=max(every, 1), save_decision_policy=save_policy,
-        enable_async_checkpointing=True)
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(every, 1),
+            save_decision_policy=save_policy, enable_async_checkpointing=True))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, batches, *, force: bool = False) -> bool:
