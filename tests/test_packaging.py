@@ -1,6 +1,7 @@
 """A non-editable install works on its own: the wheel holds the package and its named configs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,13 @@ def installed(tmp_path_factory):
     """The project's wheel (as `pip install .` builds it), unpacked as site-packages would hold
     it."""
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info/ beside the sources.
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "workdirs", "*.egg-info", "__pycache__", ".pytest_cache"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), ROOT], capture_output=True, text=True, timeout=600)
+         "--wheel-dir", str(out), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(out.glob("dalle_jax-*.whl"))
     site = out / "site-packages"

@@ -20,7 +20,7 @@ class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
     process count.
 
     A training stream stands at the same position in every process (see
-    `data.pipeline.make_loader`), so when this process has no file of its own, e.g. a run
+    `data.input_pipeline.make_loader`), so when this process has no file of its own, e.g. a run
     written by 2 hosts continued on 1, the saved files must all agree and any of them serves.
     """
 
