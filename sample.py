@@ -72,11 +72,15 @@ def read_image():
 
 
 def write_outputs(prompts, images, out: str, reranked=None) -> None:
+    from dalle_jax import workdir as workdir_lib
     from dalle_jax.sampling.outputs import write_samples
 
     settings = {k: getattr(FLAGS, k) for k in (
         "temperature", "top_k", "top_p", "guidance", "image", "keep_rows", "keep_tokens",
-        "attention", "rerank", "keep", "clip_workdir")}
+        "attention", "rerank", "keep")}
+    # The CLIPs that reranked: those named, or a pipeline workdir's own.
+    settings["clip_workdir"] = workdir_lib.transformer_and_rerankers(
+        FLAGS.workdir, FLAGS.clip_workdir)[1] if FLAGS.rerank else None
     write_samples(out, prompts, images, seed=FLAGS.seed, settings=settings, reranked=reranked,
                   extra={"workdir": os.path.abspath(FLAGS.workdir)})
 

@@ -43,17 +43,12 @@ def config_of(depth: int):
 def training_plan(config):
     """The training loop's own plan of the run's train state (with a dVAE of the paper's
     shapes, which the state does not contain)."""
-    from flax import nnx
-
-    from dalle_jax import config_lib, tasks
-    from dalle_jax.models import dvae
+    from dalle_jax import config_lib, plan, tasks
     from dalle_jax.sharding import mesh as mesh_lib
     from dalle_jax.training import loop
 
-    with nnx.use_eager_sharding(False):
-        abstract_dvae = nnx.eval_shape(lambda: dvae.from_config(config_lib.load("dvae"),
-                                                                nnx.Rngs(0), dtype="float32"))
-    task = tasks.get_task(config, dvae=abstract_dvae)
+    dvae = plan.abstract_dvae(config_lib.load("dvae"), config.train.compute_dtype)
+    task = tasks.get_task(config, dvae=dvae)
     return loop.plan_step(config, task, mesh_lib.build_mesh(config.mesh))
 
 

@@ -242,6 +242,8 @@ def test_sample_cli_on_a_moved_pipeline_workdir_reranks_with_its_clips(pipeline_
         prompts, candidates=4, keep=2, seed=5)
     with open(out / "samples.json") as f:
         record = json.load(f)
+    assert record["settings"]["clip_workdir"] == [str(tmp_path / "moved" / "clip"),
+                                                  str(tmp_path / "moved" / "grey_clip")]
     np.testing.assert_allclose([c["score"] for c in record["candidates"]],
                                expected.scores.reshape(-1), atol=1e-4)
     written = np.stack([np.asarray(Image.open(out / f"{p:03d}_{r:03d}.png"))
