@@ -42,6 +42,9 @@ flags.DEFINE_integer("keep", 1, "Images kept per prompt with --rerank.")
 flags.DEFINE_list("clip_workdir", None, "A trained CLIP's workdir for --rerank (default: a "
                   "pipeline workdir's CLIPs); several, comma-separated, rerank together (a "
                   "ClipCommittee).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "The transformer's inference dtype: "
+                  "parameters cast to it on load, compute and key/value cache in it (default: "
+                  "as trained).")
 flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
                   "(images over data, heads over tensor); default: one device.")
 flags.mark_flags_as_required(["workdir"])
@@ -77,7 +80,7 @@ def write_outputs(prompts, images, out: str, reranked=None) -> None:
 
     settings = {k: getattr(FLAGS, k) for k in (
         "temperature", "top_k", "top_p", "guidance", "image", "keep_rows", "keep_tokens",
-        "attention", "rerank", "keep")}
+        "attention", "rerank", "keep", "dtype")}
     # The CLIPs that reranked: those named, or a pipeline workdir's own.
     settings["clip_workdir"] = workdir_lib.transformer_and_rerankers(
         FLAGS.workdir, FLAGS.clip_workdir)[1] if FLAGS.rerank else None
@@ -117,7 +120,8 @@ def main(argv):
         mesh_shape = None if FLAGS.mesh_shape is None else [int(x) for x in FLAGS.mesh_shape]
         generate = Generator.from_workdir(FLAGS.workdir, batch_size=FLAGS.batch_size,
                                           implementation=FLAGS.attention, mesh_shape=mesh_shape,
-                                          clip_workdir=FLAGS.clip_workdir if FLAGS.rerank else [])
+                                          clip_workdir=FLAGS.clip_workdir if FLAGS.rerank else [],
+                                          dtype=FLAGS.dtype)
         settings = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         guidance=FLAGS.guidance, image=image, keep_rows=FLAGS.keep_rows,
                         keep_tokens=FLAGS.keep_tokens)

@@ -20,6 +20,9 @@ from dalle_jax import cli
 flags.DEFINE_string("workdir", None, "A pipeline workdir, or a trained transformer's workdir.")
 flags.DEFINE_string("clip_workdir", None, "A trained CLIP's workdir, for `rerank` (default: "
                     "the pipeline's clip/ and grey_clip/).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "The transformer's inference "
+                  "dtype: parameters cast to it on load, compute and key/value cache in it "
+                  "(default: as trained).")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("batch_size", 8, "Images drawn per compiled call, across requests.")
@@ -66,6 +69,7 @@ def main(argv):
     try:
         service = ImageService.from_workdir(
             FLAGS.workdir, clip_workdir=FLAGS.clip_workdir, batch_size=FLAGS.batch_size,
+            dtype=FLAGS.dtype,
             default_guidance=FLAGS.guidance, max_waiting=FLAGS.max_queue,
             limits=Limits(max_n=FLAGS.max_n, max_candidates=FLAGS.max_candidates))
     except (ValueError, FileNotFoundError) as e:

@@ -30,6 +30,7 @@ import os
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -200,14 +201,16 @@ class Run:
         return latest_step(self.path)
 
     def load_model(self, build: Callable[..., nnx.Module], *, use_ema: bool = True,
-                   step: int | None = None, dtype: str | None = None, mesh=None,
-                   rules=None) -> nnx.Module:
+                   step: int | None = None, dtype: str | None = None,
+                   param_dtype: str | None = None, mesh=None, rules=None) -> nnx.Module:
         """The trained model: `build(config, rngs, dtype=...)` (a model module's
         `from_config`) gives its structure, then only the parameters it uses are read: the EMA
         copy (or the raw one with `use_ema=False`, or when the run kept no EMA) and the
-        non-parameter variables. `dtype` overrides the run's compute dtype. Arrays land on
-        the first device, or sharded over `mesh` by the logical-axis `rules` (default: the
-        run's own), each device reading only its shards."""
+        non-parameter variables. `dtype` overrides the run's compute dtype; `param_dtype`
+        (e.g. bfloat16 for sampling) casts the floating-point parameters as they are read,
+        once, so they take that dtype's memory. Arrays land on the first device, or sharded
+        over `mesh` by the logical-axis `rules` (default: the run's own), each device reading
+        only its shards."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(
@@ -217,6 +220,10 @@ class Run:
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: build(self.config, nnx.Rngs(0), dtype=dtype))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        if param_dtype is not None:
+            params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                a.shape, param_dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
+                params)
         source = "ema" if use_ema and self.config.optimizer.ema_decay > 0 else "params"
         target = {source: params, "rest": rest}
         rules = rules or self.config.sharding.rules

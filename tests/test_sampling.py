@@ -1,4 +1,6 @@
 """KV-cached decoding and sampling controls, against the teacher-forced model and each other."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,25 +19,80 @@ def small():
     return cfg, dalle.DALLE(cfg, rngs=fast_rngs())
 
 
-@pytest.mark.parametrize("implementation", ["sparse", "dense"])
-def test_cached_logits_equal_the_teacher_forced_forward_at_every_step(small, implementation):
+def for_inference(small, dtype):
+    """The `small` model as `Generator.from_workdir(dtype=...)` loads it: parameters cast to
+    `dtype`, computing (and caching keys and values) in it."""
     cfg, model = small
-    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
-    _, teacher_forced = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
+    if dtype == "float32":
+        return model
+    block = dataclasses.replace(cfg.block, dtype=dtype)
+    cast = nnx.clone(dalle.DALLE(dataclasses.replace(cfg, block=block), rngs=fast_rngs()))
+    nnx.update(cast, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param)))
+    return cast
+
+
+def cached_logits(model, text, tokens, implementation):
+    """The image logits of a prefill and a decode step per given token (teacher forcing
+    through the cache)."""
+    n, vocab = model.cfg.image_length, model.cfg.image_vocab_size
 
     @nnx.jit
-    def cached(model, text, tokens):
+    def run(model, text, tokens):
         first, cache = model.prefill(text, model.init_cache(text.shape[0]))
-        out = jnp.zeros(teacher_forced.shape).at[:, 0].set(first)
+        out = jnp.zeros((text.shape[0], n, vocab)).at[:, 0].set(first)
 
         def step(a, carry):
             cache, out = carry
             logits, cache = model.decode_step(tokens[:, a], a, cache, implementation)
             return cache, out.at[:, a + 1].set(logits)
 
-        return jax.lax.fori_loop(0, cfg.image_length - 1, step, (cache, out))[1]
+        return jax.lax.fori_loop(0, n - 1, step, (cache, out))[1]
 
-    np.testing.assert_allclose(cached(model, text, tokens), teacher_forced, atol=2e-5)
+    return run(model, text, tokens)
+
+
+# Cached against teacher-forced logits: the same float32 computation up to its order; in
+# bfloat16 both round the same keys and values, but the cached path's one-row matmuls and the
+# full forward's round partial results at different points (tolerance: BENCHMARKS.md,
+# "bfloat16 against float32").
+CACHED_ATOL = {"float32": 2e-5, "bfloat16": 6e-3}
+
+
+@pytest.mark.parametrize("implementation, dtype", [("sparse", "float32"), ("dense", "float32"),
+                                                   ("sparse", "bfloat16")])
+def test_cached_logits_equal_the_teacher_forced_forward_at_every_step(small, implementation,
+                                                                       dtype):
+    cfg, _ = small
+    model = for_inference(small, dtype)
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    _, teacher_forced = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
+    logits = cached_logits(model, text, tokens, implementation)
+    assert logits.dtype == teacher_forced.dtype == jnp.float32
+    np.testing.assert_allclose(logits, teacher_forced, atol=CACHED_ATOL[dtype])
+
+
+def test_greedy_bf16_tokens_follow_float32_until_a_near_tie(small):
+    """bf16 moves each logit by up to about 1% of the largest (BENCHMARKS.md, "bfloat16 against
+    float32"), so greedy decoding picks the same tokens until float32's two best logits are
+    that close; from there on the images may differ, as each token conditions the next."""
+    cfg, model = small
+    text = captions(cfg, [1, 2, 3, 4, 2, 1])
+    seeds = list(range(len(text)))
+    ours = sample(for_inference(small, "bfloat16"), text, seeds, temperature=0.0)
+    ref = sample(model, text, seeds, temperature=0.0)
+    _, ref_logits = nnx.jit(lambda m, t, i: m(t, i))(model, text, ref)
+    ordered = np.sort(np.asarray(ref_logits), axis=-1)
+    gap = ordered[..., -1] - ordered[..., -2]
+    margin = 0.02 * np.abs(np.asarray(ref_logits)).max()
+    same_rows = 0
+    for row in range(len(text)):
+        differ = np.flatnonzero(ours[row] != ref[row])
+        if not len(differ):
+            same_rows += 1
+            continue
+        first = differ[0]
+        assert gap[row, first] < margin, (row, first, gap[row, first], margin)
+    assert same_rows >= len(text) // 2  # most images are the same
 
 
 def sample(model, text, seeds, guided=False, **controls):

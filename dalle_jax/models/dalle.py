@@ -143,9 +143,11 @@ class DALLE(nnx.Module):
 
     # --- decoding with a key/value cache (dalle_jax/sampling uses these) ------------------
 
-    def init_cache(self, batch: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-        """Zeroed keys and values, [depth, batch, text + image length, heads, head_dim]."""
+    def init_cache(self, batch: int, dtype=None) -> tuple[jax.Array, jax.Array]:
+        """Zeroed keys and values, [depth, batch, text + image length, heads, head_dim], in
+        `dtype` (default: the compute dtype, in which they are computed)."""
         b = self.cfg.block
+        dtype = jnp.dtype(dtype or b.dtype)
         shape = (b.depth, batch, self.cfg.layout.length, b.num_heads, b.head_dim)
         # Split like the activations it caches: batch over the data axes, heads over tensor.
         names = ("layers", "batch", "length", "heads", "kv")

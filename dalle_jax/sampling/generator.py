@@ -104,12 +104,16 @@ class Generator:
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
                      implementation: str = "sparse", mesh_shape=None,
-                     clip_workdir: str | Sequence[str] | None = None) -> "Generator":
+                     clip_workdir: str | Sequence[str] | None = None,
+                     dtype: str | None = None) -> "Generator":
         """The transformer of `workdir` (its run, or a pipeline workdir's dalle/), with its
         dVAE and tokenizer. With `mesh_shape` (e.g. (2, 1, 4) over the run's mesh axes) the
         parameters are restored onto that mesh and sampling is sharded by the run's own
         logical-axis rules. CLIP reranks candidates in `best_of`: a pipeline workdir's CLIPs
-        by default, or those of `clip_workdir` (several: a `ClipCommittee`; [] for none)."""
+        by default, or those of `clip_workdir` (several: a `ClipCommittee`; [] for none).
+        `dtype` (e.g. "bfloat16"): the transformer's parameters are cast to it as they are
+        read and it computes and keeps its key/value cache in it (logits and sampling stay
+        float32); default: the parameters as trained, the run's compute dtype."""
         dalle_workdir, clip_workdirs = workdir_lib.transformer_and_rerankers(workdir,
                                                                              clip_workdir)
         run = workdir_lib.Run(dalle_workdir, expect="dalle")
@@ -119,7 +123,8 @@ class Generator:
             mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(
                 config.mesh.to_dict(), shape=tuple(mesh_shape), num_devices=0)))
             rules = logical.normalize_rules(config.sharding.rules)
-        model = run.load_model(dalle_model.from_config, use_ema=use_ema, mesh=mesh, rules=rules)
+        model = run.load_model(dalle_model.from_config, use_ema=use_ema, dtype=dtype,
+                               param_dtype=dtype, mesh=mesh, rules=rules)
         codec = ImageCodec.from_workdir(config.task.dvae_workdir)
         if (codec.grid_size, codec.vocab_size) != (model.cfg.grid_size, model.cfg.image_vocab_size):
             raise ValueError(

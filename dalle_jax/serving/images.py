@@ -78,11 +78,11 @@ class ImageService:
 
     @classmethod
     def from_workdir(cls, workdir: str, *, clip_workdir: str | None = None,
-                     batch_size: int = 8, **kwargs) -> "ImageService":
+                     batch_size: int = 8, dtype: str | None = None, **kwargs) -> "ImageService":
         """A pipeline workdir (its transformer, its CLIPs for `rerank`) or a transformer's
-        (with `clip_workdir` for `rerank`)."""
+        (with `clip_workdir` for `rerank`); `dtype`: the transformer's inference dtype."""
         generator = Generator.from_workdir(workdir, batch_size=batch_size,
-                                           clip_workdir=clip_workdir)
+                                           clip_workdir=clip_workdir, dtype=dtype)
         return cls(generator, **kwargs)
 
     @property
