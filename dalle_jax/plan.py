@@ -23,24 +23,37 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from dalle_jax import cli, config_lib, tasks
+from dalle_jax.models import attention as attention_lib
+from dalle_jax.models import dalle as dalle_model
 from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sharding import logical, mesh as mesh_lib
 from dalle_jax.training import loop
+from dalle_jax.training import state as state_lib
 
 GiB = 2**30
 
-# Peak dense bf16 FLOP/s and memory of one chip, from the vendors' data sheets.
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    flops: float  # peak dense bf16 FLOP/s
+    memory: float  # bytes of HBM
+    bandwidth: float  # HBM bytes/s
+
+
+# From the vendors' data sheets.
 CHIPS = {
-    "tpu_v4": (275e12, 32 * GiB),
-    "tpu_v5e": (197e12, 16 * GiB),
-    "tpu_v5p": (459e12, 95 * GiB),
-    "h100": (989e12, 80e9),
+    "tpu_v4": Chip(275e12, 32 * GiB, 1228e9),
+    "tpu_v5e": Chip(197e12, 16 * GiB, 819e9),
+    "tpu_v5p": Chip(459e12, 95 * GiB, 2765e9),
+    "h100": Chip(989e12, 80e9, 3350e9),
 }
 
 
@@ -71,13 +84,12 @@ class Plan:
 
     def tokens_per_second(self, chip: str, mfu: float) -> float:
         """Training tokens/s on as many `chip`s as the mesh has devices, at `mfu`."""
-        peak, _ = CHIPS[chip]
         devices = math.prod(self.mesh.values())
-        seconds = self.model_flops_per_step / (devices * peak * mfu)
+        seconds = self.model_flops_per_step / (devices * CHIPS[chip].flops * mfu)
         return self.tokens_per_step / seconds if seconds > 0 else 0.0
 
     def fits(self, chip: str) -> bool:
-        return self.peak_bytes <= CHIPS[chip][1]
+        return self.peak_bytes <= CHIPS[chip].memory
 
 
 def per_device_bytes(tree) -> int:
@@ -164,11 +176,154 @@ def format_plan(plan: Plan, mfu: float) -> str:
         f"{plan.xla_flops_per_device:.4g} per device by XLA's cost analysis",
         f"at {mfu:.0%} MFU, {plan.tokens_per_step} tokens a step:",
     ]
-    for chip, (peak, memory) in CHIPS.items():
+    for chip, spec in CHIPS.items():
         rate = plan.tokens_per_second(chip, mfu)
         fits = "fits" if plan.fits(chip) else "does NOT fit"
         lines.append(f"  {chip:8s} {rate:12.4g} tokens/s, {rate / plan.tokens_per_step:8.3g} "
-                     f"steps/s; {fits} in {memory / GiB:.0f} GiB")
+                     f"steps/s; {fits} in {spec.memory / GiB:.0f} GiB")
+    return "\n".join(lines)
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SamplingPlan:
+    config_name: str
+    mesh: dict[str, int]
+    batch: int  # images drawn at once
+    guided: bool  # classifier-free guidance: an unconditional stream beside each image's
+    dtype: str  # parameters, compute and key/value cache
+    image_length: int  # decode steps per image
+    # Per device:
+    param_bytes: int
+    cache_bytes: int
+    decode_temp_bytes: int
+    prefill_temp_bytes: int
+    peak_bytes: int  # the larger of the prefill's and the decode step's peaks
+    # Bytes one decode step reads on a device: every weight of its tensor-parallel slice
+    # (weights split over the batch axes, FSDP, are gathered for the step) and the cache
+    # entries its attention reads.
+    read_bytes_per_step: int
+
+    @property
+    def streams(self) -> int:
+        return self.batch * (2 if self.guided else 1)
+
+    def images_per_second(self, chip: str, bandwidth_fraction: float) -> float:
+        """Images/s when a decode step takes its bytes read at `bandwidth_fraction` of the
+        chip's memory bandwidth (decoding a batch this size is bound by memory traffic)."""
+        step = self.read_bytes_per_step / (CHIPS[chip].bandwidth * bandwidth_fraction)
+        return self.batch / (step * self.image_length)
+
+    def fits(self, chip: str) -> bool:
+        return self.peak_bytes <= CHIPS[chip].memory
+
+
+def cache_read_bytes_per_step(cfg, streams_per_device: int, heads_per_device: int,
+                              itemsize: int) -> int:
+    """Bytes of keys and values one decode step reads on a device: every layer reads the
+    caption and its own window (models/attention.py, `decode_keys`), not the whole cache."""
+    layout = cfg.layout
+    window = {"row": layout.grid_w + 1, "column": layout.grid_h,
+              "conv": (layout.conv_kernel // 2 + 1) * layout.conv_kernel}
+    entries = sum(layout.text_len + window[kind] for kind in attention_lib.layer_kinds(
+        cfg.block.depth))
+    return 2 * entries * streams_per_device * heads_per_device * cfg.block.head_dim * itemsize
+
+
+def gathered_bytes(tree, batch_axes) -> int:
+    """Bytes of a device's slice of a tree of sharded arrays once the `batch_axes` are gathered:
+    what a step computing on a batch shard reads of each weight."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        spec = [tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                      if a not in batch_axes) or None for axes in leaf.sharding.spec]
+        sharding = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.P(*spec))
+        total += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def make_sampling_plan(config, batch: int, guided: bool, dtype: str = "bfloat16",
+                       devices=None, config_name: str = "") -> SamplingPlan:
+    """The prefill and the decode step of `config`'s transformer, compiled for its mesh on
+    `devices` from abstract arrays (nothing allocated), as `Generator` runs them with
+    parameters cast to `dtype` and the batch over the mesh's batch axes."""
+    config_lib.validate(config)
+    mesh = mesh_lib.build_mesh(config.mesh, devices)
+    rules = logical.normalize_rules(config.sharding.rules)
+    logical.validate_rules(rules, mesh.axis_names)
+    ways = logical.batch_axis_size(mesh, rules)
+    streams = batch * (2 if guided else 1)
+    if batch % ways:
+        raise ValueError(f"batch={batch} does not divide over the {ways} batch shards of mesh "
+                         f"{dict(mesh.shape)}")
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: dalle_model.from_config(config, nnx.Rngs(0),
+                                                                  dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), state)
+    state = state_lib.abstract_arrays(state, logical.state_shardings(state, mesh, rules))
+    cache_names = ("layers", "batch", "length", "heads", "kv")
+    cache_shape = jax.eval_shape(lambda: abstract.init_cache(streams))
+    cache_sharding = jax.sharding.NamedSharding(mesh, logical.fit_spec(
+        logical.logical_to_spec(cache_names, rules), cache_shape[0].shape, mesh))
+    cache = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding)
+                  for c in cache_shape)
+    text = jax.ShapeDtypeStruct((streams, config.text.length), np.int32,
+                                sharding=logical.batch_sharding(mesh, rules, 2))
+    token = jax.ShapeDtypeStruct((streams,), np.int32,
+                                 sharding=logical.batch_sharding(mesh, rules, 1))
+    position = jax.ShapeDtypeStruct((), np.int32)
+
+    def prefill(state, text, cache):
+        return nnx.merge(graphdef, state).prefill(text, cache)
+
+    def decode(state, token, a, cache):
+        return nnx.merge(graphdef, state).decode_step(token, a, cache)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        prefilled = jax.jit(prefill, donate_argnums=2).lower(state, text, cache).compile()
+        stepped = jax.jit(decode, donate_argnums=3).lower(state, token, position,
+                                                          cache).compile()
+    prefill_memory, decode_memory = prefilled.memory_analysis(), stepped.memory_analysis()
+    cfg = abstract.cfg
+    streams_per_device = streams // ways
+    heads_per_device = cache_sharding.shard_shape(cache[0].shape)[3]
+    return SamplingPlan(
+        config_name=config_name, mesh=dict(mesh.shape), batch=batch, guided=guided,
+        dtype=str(jnp.dtype(dtype)), image_length=cfg.image_length,
+        param_bytes=per_device_bytes(state),
+        cache_bytes=per_device_bytes(cache),
+        decode_temp_bytes=decode_memory.temp_size_in_bytes,
+        prefill_temp_bytes=prefill_memory.temp_size_in_bytes,
+        peak_bytes=max(peak_bytes(prefill_memory), peak_bytes(decode_memory)),
+        read_bytes_per_step=gathered_bytes(state, logical.batch_axes(rules))
+        + cache_read_bytes_per_step(cfg, streams_per_device, heads_per_device,
+                                    jnp.dtype(cache[0].dtype).itemsize))
+
+
+def format_sampling_plan(plan: SamplingPlan, bandwidth_fraction: float) -> str:
+    gib = lambda b: f"{readable_bytes(b):>11s}"  # noqa: E731
+    lines = [
+        f"sampling plan for {plan.config_name or 'the config'} on mesh {plan.mesh} "
+        f"({math.prod(plan.mesh.values())} devices): {plan.batch} images at once"
+        f"{' with guidance' if plan.guided else ''} ({plan.streams} streams), {plan.dtype}",
+        "per device:",
+        f"  parameters        {gib(plan.param_bytes)}",
+        f"  key/value cache   {gib(plan.cache_bytes)}",
+        f"  temporaries       {gib(plan.decode_temp_bytes)}  (decode step; prefill "
+        f"{readable_bytes(plan.prefill_temp_bytes)})",
+        f"  peak              {gib(plan.peak_bytes)}",
+        f"  read per decode step {readable_bytes(plan.read_bytes_per_step)} (its slice of every "
+        "weight, gathered over the batch axes, and the cache entries its attention reads)",
+        f"at {bandwidth_fraction:.0%} of a chip's memory bandwidth, {plan.image_length} decode "
+        "steps an image:",
+    ]
+    for chip, spec in CHIPS.items():
+        fits = "fits" if plan.fits(chip) else "does NOT fit"
+        lines.append(f"  {chip:8s} {plan.images_per_second(chip, bandwidth_fraction):10.4g} "
+                     f"images/s; {fits} in {spec.memory / GiB:.0f} GiB")
     return "\n".join(lines)
 
 
@@ -185,6 +340,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("devices", 8, "Simulated devices: the mesh's size.")
     flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the tokens/s estimates.")
     flags.DEFINE_string("json", "", "Also write the plan as JSON to this file.")
+    flags.DEFINE_integer("sample", 0, "Plan sampling instead of training: this many images "
+                         "drawn at once (the transformer's prefill and decode step).")
+    flags.DEFINE_bool("guidance", True, "Sampling: with classifier-free guidance (twice the "
+                      "streams).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Sampling: parameters, "
+                      "compute and key/value cache.")
+    flags.DEFINE_float("bandwidth", 0.5, "Sampling: fraction of a chip's memory bandwidth "
+                       "assumed for the images/s estimates.")
     flags.mark_flags_as_required(["config"])
 
 
@@ -193,9 +356,17 @@ def main(argv):
     # Before anything asks for a device: this many fake CPU devices stand in for the chips.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-    plan, _ = make_plan(FLAGS.config, FLAGS.dvae_config,
-                        config_name=os.path.basename(FLAGS["config"].config_filename))
-    print(format_plan(plan, FLAGS.mfu))
+    name = os.path.basename(FLAGS["config"].config_filename)
+    try:
+        if FLAGS.sample:
+            plan = make_sampling_plan(FLAGS.config, FLAGS.sample, FLAGS.guidance, FLAGS.dtype,
+                                      config_name=name)
+            print(format_sampling_plan(plan, FLAGS.bandwidth))
+        else:
+            plan, _ = make_plan(FLAGS.config, FLAGS.dvae_config, config_name=name)
+            print(format_plan(plan, FLAGS.mfu))
+    except ValueError as e:
+        cli.fail(e)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(dataclasses.asdict(plan), f, indent=2)

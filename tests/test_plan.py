@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -91,3 +92,58 @@ def test_plan_of_a_transformer_names_a_mismatched_dvae():
     config = config_lib.load("dalle_mini")
     with pytest.raises(ValueError, match="config.model.grid_size=8 does not match the dVAE"):
         plan_lib.make_plan(config, config_lib.load("dvae"))
+
+
+def test_sampling_plan_of_dalle_mini_equals_its_real_arrays():
+    """The plan's per-device parameter and cache bytes are those of the real model and cache
+    on the same mesh; its cache reads are the positions the decode step gathers."""
+    from dalle_jax.models import attention as attention_lib
+    from dalle_jax.models import dalle
+    from dalle_jax.sharding import logical
+    from dalle_jax.sharding.mesh import build_mesh
+
+    config = config_lib.load("dalle_mini")
+    config.mesh.shape = (2, 1, 4)  # images over data, the 4 heads over tensor
+    plan = plan_lib.make_sampling_plan(config, batch=8, guided=True, dtype="float32")
+    assert plan.streams == 16 and plan.image_length == 64
+
+    mesh, rules = build_mesh(config.mesh), logical.normalize_rules(config.sharding.rules)
+    model = dalle.from_config(config, nnx.Rngs(jax.random.key(0, impl="rbg")))
+    state = nnx.state(model)
+    placed = jax.device_put(state, logical.state_shardings(state, mesh, rules))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        cache = jax.jit(lambda: model.init_cache(16))()
+    assert plan.param_bytes == device0_bytes(placed)
+    assert plan.cache_bytes == device0_bytes(cache)
+    assert cache[0].addressable_shards[0].data.shape == (4, 8, 88, 1, 32)  # 16/2 streams, 4/4 heads
+
+    # Bytes read: per layer, the cache positions `decode_keys` gathers for a query.
+    cfg, layout = model.cfg, model.cfg.layout
+    entries = sum(len(attention_lib.decode_keys(kind, layout, 27)[0])
+                  for kind in attention_lib.layer_kinds(cfg.block.depth))
+    cache_reads = 2 * entries * 8 * 1 * cfg.block.head_dim * 4  # k and v, 8 streams, 1 head
+    # FSDP is 1 here: every weight is read as its device holds it.
+    assert plan.read_bytes_per_step == device0_bytes(placed) + cache_reads
+
+
+def test_gathered_bytes_count_a_weight_whole_along_the_batch_axes():
+    mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    weight = jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.P("fsdp", "tensor")))
+    batch_split = jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.P(("data", "fsdp"), None)))
+    assert plan_lib.per_device_bytes([weight]) == 2 * 3 * 4
+    assert plan_lib.gathered_bytes([weight], ("data", "fsdp")) == 8 * 3 * 4  # tensor stays split
+    assert plan_lib.gathered_bytes([batch_split], ("data", "fsdp")) == 8 * 6 * 4
+
+
+def test_sampling_plan_command_names_the_slices_that_fit(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dalle_jax.plan", "--config", "configs/dalle_mini.py",
+         "--devices", "8", "--sample", "8", "--config.mesh.shape=(2,1,4)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "8 images at once with guidance (16 streams), bfloat16" in result.stdout
+    assert "key/value cache" in result.stdout and "images/s; fits in 16 GiB" in result.stdout

@@ -62,11 +62,15 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, ndim: int) -> jax.shar
     return logical_sharding(mesh, ("batch",) + (None,) * (ndim - 1), rules)
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the batch is split over."""
+    spec = logical_to_spec(("batch",), rules)[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
 def batch_axis_size(mesh: jax.sharding.Mesh, rules: Rules) -> int:
     """How many ways the global batch is split (a global batch must divide by it)."""
-    spec = logical_to_spec(("batch",), rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return int(np.prod([mesh.shape[a] for a in axes], dtype=int))
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules)], dtype=int))
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
