@@ -15,6 +15,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -22,7 +23,6 @@ from dalle_jax import tasks
 from dalle_jax.models import attention as attn
 from dalle_jax.models import dalle, dvae
 from dalle_jax.training import optimizer, step as step_lib
-from dalle_jax.training.state import TrainState
 from test_clip import small_config as small_clip_config
 from test_dalle import captions, image_tokens, small_config as small_dalle_config
 from test_dvae import tiny_config as tiny_dvae_config
@@ -85,31 +85,32 @@ CONFIGS = {"dvae": tiny_dvae_config, "dalle": tiny_dalle_run_config, "clip": sma
 
 
 def losses_and_first_grads(name, dtype, params=None):
-    """(losses of STEPS train steps, gradients at the start, the starting parameters)."""
+    """(losses of STEPS AdamW steps, gradients at the start, the starting parameters): the
+    task's loss and the project's optimizer, one compiled loss-and-gradient function."""
     config = with_dtype(CONFIGS[name](), dtype)
     config.optimizer.update(dict(warmup_steps=0, schedule="constant"))  # the steps move
     task = make_task(name, config)
     model = task.build_model(fast_rngs())
     graphdef, own_params, rest = nnx.split(model, nnx.Param, ...)
     params = own_params if params is None else params
-    batch, frozen = batch_for(name, config), task.frozen_state()
-    tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    zero = jnp.zeros((), jnp.int32)
-    state = TrainState(step=zero, params=params, rest=rest, opt_state=tx.init(params),
-                       ema=None, nonfinite_total=zero, nonfinite_in_row=zero)
+    batch = step_lib.with_frozen(batch_for(name, config), task.frozen_state())
+    tx, _ = optimizer.make_optimizer(config.optimizer, config.train.steps)
 
-    def loss(p):
-        return task.loss(nnx.merge(graphdef, p, rest), step_lib.with_frozen(batch, frozen),
-                         jax.random.key(0), zero)[0]
+    @jax.jit
+    def loss_and_grads(p):
+        return jax.value_and_grad(lambda p: task.loss(
+            nnx.merge(graphdef, p, rest), batch, jax.random.key(0),
+            jnp.zeros((), jnp.int32))[0])(p)
 
-    loss_value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    assert loss_value.dtype == jnp.float32
-    train_step = jax.jit(step_lib.make_train_step(task, tx, schedule, graphdef, config))
-    losses = []
+    start, losses, first_grads, opt_state = params, [], None, tx.init(params)
     for _ in range(STEPS):
-        state, metrics = train_step(state, batch, frozen)
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), grads, params
+        loss, grads = loss_and_grads(params)
+        assert loss.dtype == jnp.float32
+        losses.append(float(loss))
+        first_grads = grads if first_grads is None else first_grads
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return np.array(losses), first_grads, start
 
 
 @pytest.mark.parametrize("name", ["dvae", "dalle", "clip"])
