@@ -47,6 +47,13 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "The transformer's inf
                   "as trained).")
 flags.DEFINE_list("mesh_shape", None, "Sample on a mesh over the run's mesh axes, e.g. 2,1,4 "
                   "(images over data, heads over tensor); default: one device.")
+flags.DEFINE_bool("distributed", False, "Start on every host of a multi-process job: the hosts "
+                  "join (TPU pods and SLURM find each other; else give the three below), draw "
+                  "together on --mesh_shape over all their devices, and process 0 writes.")
+flags.DEFINE_string("coordinator_address", "", "With --distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", 0, "With --distributed: how many processes.")
+flags.DEFINE_integer("process_id", -1, "With --distributed: this process's index.")
+flags.DEFINE_string("cpu_collectives", "", "With --distributed on CPU devices: 'gloo'.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -108,12 +115,23 @@ def check_counts(pipeline: bool) -> None:
 
 def main(argv):
     del argv
+    import jax
+    import ml_collections
     from tqdm import tqdm
 
     from dalle_jax import workdir as workdir_lib
     from dalle_jax.sampling.generator import Generator
+    from dalle_jax.sharding import mesh as mesh_lib
 
+    mesh_lib.initialize_distributed(ml_collections.ConfigDict(dict(distributed=dict(
+        enabled=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        cpu_collectives=FLAGS.cpu_collectives))))
+    writer = jax.process_index() == 0
     try:
+        if FLAGS.distributed and FLAGS.mesh_shape is None:
+            raise ValueError("--distributed draws on --mesh_shape over all the job's devices: "
+                             "give it")
         check_counts(workdir_lib.is_pipeline(FLAGS.workdir))
         prompts = read_prompts()
         image = read_image()
@@ -126,7 +144,8 @@ def main(argv):
                         guidance=FLAGS.guidance, image=image, keep_rows=FLAGS.keep_rows,
                         keep_tokens=FLAGS.keep_tokens)
         drawn = FLAGS.rerank or FLAGS.n
-        with tqdm(total=len(prompts) * drawn, desc="sampling", unit="image") as bar:
+        with tqdm(total=len(prompts) * drawn, desc="sampling", unit="image",
+                  disable=not writer) as bar:
             if FLAGS.rerank:
                 reranked = generate.best_of(prompts, FLAGS.rerank, FLAGS.keep, FLAGS.seed,
                                             progress=bar.update, **settings)
@@ -136,6 +155,8 @@ def main(argv):
                 images = generate(prompts, FLAGS.n, FLAGS.seed, progress=bar.update, **settings)
     except (ValueError, FileNotFoundError) as e:
         cli.fail(e)
+    if not writer:  # every host drew the same images; one writes them
+        return
     write_outputs(prompts, images, FLAGS.out, reranked)
     logging.info("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
     print(f"images in {os.path.abspath(FLAGS.out)}")

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import dalle as dalle_model
@@ -62,6 +63,13 @@ def image_keys(seeds, indices) -> jax.Array:
                                         jnp.asarray(indices, jnp.uint32))
 
 
+def global_array(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array that every process holds whole, as one array over `sharding`'s devices
+    (each process gives its own devices their parts: also across processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 class Generator:
     def __init__(self, model, codec, tokenizer, *, batch_size: int = 8,
                  implementation: str = "sparse", mesh=None, rules=None, scorer=None):
@@ -84,22 +92,29 @@ class Generator:
             nnx.update(model, jax.device_put(nnx.state(model), shardings))
         graphdef, self._state = nnx.split(model)
 
-        def sample(state, text, keys, controls, guided, implementation):
+        def sample(state, text, key_data, controls, guided, implementation):
+            keys = jax.random.wrap_key_data(key_data)
             return decode.sample_image_tokens(nnx.merge(graphdef, state), text, keys, controls,
                                               guided=guided, implementation=implementation)
 
         self._sample = jax.jit(sample, static_argnames=("guided", "implementation"))
 
-    def _run(self, text, keys, controls, guided):
+    def _run(self, text, keys, controls, guided) -> np.ndarray:
+        """Tokens (B, N) on the host. On a mesh, every process of a multi-process job runs
+        this with the same inputs: each gives its devices their part of the batch, and every
+        process gets all the tokens back."""
+        key_data = np.asarray(jax.random.key_data(keys))
         if self.mesh is None:
-            return self._sample(self._state, text, keys, controls, guided=guided,
-                                implementation=self.implementation)
-        batch = lambda x: jax.device_put(  # noqa: E731
-            x, logical.batch_sharding(self.mesh, self.rules, x.ndim))
-        controls = dict(controls, given=batch(controls["given"]), keep=batch(controls["keep"]))
+            return np.asarray(self._sample(self._state, text, key_data, controls, guided=guided,
+                                           implementation=self.implementation))
+        batch = lambda x: global_array(x, logical.batch_sharding(  # noqa: E731
+            self.mesh, self.rules, np.ndim(x)))
+        controls = {k: batch(v) if k in ("given", "keep") else np.asarray(v)
+                    for k, v in controls.items()}
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            return self._sample(self._state, batch(text), batch(keys), controls, guided=guided,
-                                implementation=self.implementation)
+            tokens = self._sample(self._state, batch(text), batch(key_data), controls,
+                                  guided=guided, implementation=self.implementation)
+        return multihost_utils.process_allgather(tokens, tiled=True)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True, batch_size: int = 8,
@@ -205,8 +220,7 @@ class Generator:
         batch_text = np.concatenate([text, np.repeat(text[:1], pad, axis=0)])
         keys = image_keys(np.concatenate([seeds, np.zeros(pad, int)]),
                           np.concatenate([np.asarray(indices), np.zeros(pad, int)]))
-        tokens = self._run(jnp.asarray(batch_text), keys, controls, settings.guidance != 1.0)
-        return np.asarray(tokens)[:count]
+        return self._run(batch_text, keys, controls, settings.guidance != 1.0)[:count]
 
     def __call__(self, prompts, n: int = 4, seed: int = 0, *, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, guidance: float = 1.0,
