@@ -30,6 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from dalle_jax import cli, config_lib, tasks
+from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import dalle as dalle_model
 from dalle_jax.models import dvae as dvae_model
@@ -260,9 +261,9 @@ def make_sampling_plan(config, batch: int, guided: bool, dtype: str = "bfloat16"
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: dalle_model.from_config(config, nnx.Rngs(0),
                                                                   dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), state)
+    # As `Generator.from_workdir(dtype=...)` loads it: parameters cast, other variables not.
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    state = nnx.merge_state(workdir_lib.cast_floating(params, dtype), rest)
     state = state_lib.abstract_arrays(state, logical.state_shardings(state, mesh, rules))
     cache_names = ("layers", "batch", "length", "heads", "kv")
     cache_shape = jax.eval_shape(lambda: abstract.init_cache(streams))

@@ -221,9 +221,7 @@ class Run:
             abstract = nnx.eval_shape(lambda: build(self.config, nnx.Rngs(0), dtype=dtype))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
         if param_dtype is not None:
-            params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-                a.shape, param_dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
-                params)
+            params = cast_floating(params, param_dtype)
         source = "ema" if use_ema and self.config.optimizer.ema_decay > 0 else "params"
         target = {source: params, "rest": rest}
         rules = rules or self.config.sharding.rules
@@ -231,6 +229,13 @@ class Run:
                                     _with_shardings(target, mesh, rules))
         logging.info("loaded the %s parameters of step %d from %s", source, step, self.path)
         return nnx.merge(graphdef, restored[source], restored["rest"])
+
+
+def cast_floating(abstract, dtype):
+    """ShapeDtypeStructs with every floating-point leaf in `dtype` (what a restore then reads
+    them as)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), abstract)
 
 
 def _with_shardings(abstract, mesh, rules):
