@@ -15,11 +15,9 @@ written (best first); `candidates_<prompt index>.png` shows all N in drawing ord
 (the main job's) reranks with its own CLIPs unless `--clip_workdir` names others.
 A thin layer over `dalle_jax.sampling.generator.Generator`.
 """
-import os
-
 from absl import flags, logging
 
-from dalle_jax import cli
+from dalle_jax import cli, files
 
 flags.DEFINE_string("workdir", None, "A trained transformer's workdir, or a pipeline workdir.")
 flags.DEFINE_multi_string("prompt", [], "A caption to draw (repeatable).")
@@ -61,8 +59,8 @@ FLAGS = flags.FLAGS
 def read_prompts() -> list[str]:
     prompts = list(FLAGS.prompt)
     if FLAGS.prompts_file:
-        with open(FLAGS.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        text = files.read_text(FLAGS.prompts_file)
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give --prompt or --prompts_file")
     return prompts
@@ -71,11 +69,15 @@ def read_prompts() -> list[str]:
 def read_image():
     if not FLAGS.image:
         return None
+    import io
+
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    if not files.is_file(FLAGS.image):
+        raise ValueError(f"--image {FLAGS.image!r} does not exist")
     try:
-        with Image.open(FLAGS.image) as image:
+        with Image.open(io.BytesIO(files.read_bytes(FLAGS.image))) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"--image {FLAGS.image!r} is not a readable image ({e})") from None
@@ -92,7 +94,7 @@ def write_outputs(prompts, images, out: str, reranked=None) -> None:
     settings["clip_workdir"] = workdir_lib.transformer_and_rerankers(
         FLAGS.workdir, FLAGS.clip_workdir)[1] if FLAGS.rerank else None
     write_samples(out, prompts, images, seed=FLAGS.seed, settings=settings, reranked=reranked,
-                  extra={"workdir": os.path.abspath(FLAGS.workdir)})
+                  extra={"workdir": files.absolute(FLAGS.workdir)})
 
 
 def check_counts(pipeline: bool) -> None:
@@ -159,7 +161,7 @@ def main(argv):
         return
     write_outputs(prompts, images, FLAGS.out, reranked)
     logging.info("wrote %d images for %d prompts to %s", len(images), len(prompts), FLAGS.out)
-    print(f"images in {os.path.abspath(FLAGS.out)}")
+    print(f"images in {files.absolute(FLAGS.out)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves TFDS onl
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dalle_jax import cli  # noqa: E402
+from dalle_jax import cli, files  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.",
                                 lock_config=True)
@@ -32,7 +32,7 @@ def main(argv):
     if pipeline.is_pipeline(config):
         samples = pipeline.run_pipeline(config, workdir)
         if samples is not None:
-            print(f"images: {os.path.abspath(samples)}/grid_*.png (one grid per caption; "
+            print(f"images: {files.absolute(samples)}/grid_*.png (one grid per caption; "
                   "samples.json says which is which)")
         return
     if config.task.name:

@@ -16,14 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 
 from absl import flags
-from PIL import Image
 
-from dalle_jax import cli
+from dalle_jax import cli, files as files_lib
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.data.examples import load_examples
 from dalle_jax.evaluation import captions as captions_lib
@@ -93,7 +91,7 @@ def write_grids(out: str, split: str, images: dict, rows: int = 8) -> dict[str, 
         k = chosen.shape[1]
         grid = grid_of(to_pixels(chosen.reshape(-1, *chosen.shape[2:])), k)
         files[name] = f"{split}_{slug(name)}.png"
-        Image.fromarray(grid).save(os.path.join(out, files[name]))
+        files_lib.write_png(files_lib.join(out, files[name]), grid)
     return files
 
 
@@ -158,9 +156,9 @@ def evaluate(workdir: str, options: Options = Options()) -> dict:
     options.check()
     generate = Generator.from_workdir(workdir, batch_size=options.batch_size)
     config = workdir_lib.read_config(workdir_lib.transformer_and_rerankers(workdir)[0])
-    out = os.path.join(workdir, "evaluation")
-    os.makedirs(out, exist_ok=True)
-    report = {"workdir": os.path.abspath(workdir), "settings": dataclasses.asdict(options),
+    out = files_lib.join(workdir, "evaluation")
+    files_lib.make_dirs(out)
+    report = {"workdir": files_lib.absolute(workdir), "settings": dataclasses.asdict(options),
               "splits": {}}
     start = time.time()
     for split in SPLITS:
@@ -182,11 +180,10 @@ def evaluate(workdir: str, options: Options = Options()) -> dict:
     report["dvae"] = {k: v for k, v in dvae.items() if k != "failures"}
     if generate.scorer is not None:
         report["clip"] = retrieval_report(generate.scorer, reference)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
+    files_lib.write_text(files_lib.join(out, "report.json"),
+                         json.dumps(report, indent=1, default=float))
     text = markdown(report)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text + "\n")
+    files_lib.write_text(files_lib.join(out, "report.md"), text + "\n")
     print(text)
     print(f"\nreport and grids in {out}")
     return report

@@ -21,13 +21,12 @@ so running the same command again continues it.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import ml_collections
 from absl import logging
 
-from dalle_jax import config_lib, tasks
+from dalle_jax import config_lib, files, tasks
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sampling.generator import Generator
@@ -71,7 +70,7 @@ def stage_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
         stage_config = config[stage].copy_and_resolve_references()
         with stage_config.unlocked():
             stage_config.text.update(config.text.to_dict())
-            stage_config.text.tokenizer = os.path.join(workdir, workdir_lib.TOKENIZER_FILENAME)
+            stage_config.text.tokenizer = files.join(workdir, workdir_lib.TOKENIZER_FILENAME)
             if stage == "dalle":
                 stage_config.task.dvae_workdir = workdir_lib.pipeline_stage(workdir, "dvae")
         configs[stage] = stage_config
@@ -126,7 +125,7 @@ def draw_samples(config, workdir: str) -> str:
     generate = Generator.from_workdir(workdir, batch_size=s.batch_size, clip_workdir=clip_workdir)
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, guidance=s.guidance)
     prompts = list(s.prompts)
-    out = os.path.join(workdir, "samples")
+    out = files.join(workdir, "samples")
     if not clip_workdir:
         images = generate(prompts, s.keep, s.seed, **settings)
         write_samples(out, prompts, images, seed=s.seed, settings=settings)
@@ -142,7 +141,7 @@ def run_pipeline(config, workdir: str) -> str | None:
     stopped early (run the same command again to continue)."""
     configs = validate(config, workdir)
     start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    files.make_dirs(workdir)
     logging.info("pipeline stages %s in %s", tuple(configs), workdir)
     train_tokenizer(config, workdir)
     for stage, stage_config in configs.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dalle_jax import cli, config_lib, tasks
+from dalle_jax import cli, config_lib, files, tasks
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import dalle as dalle_model
@@ -357,7 +356,7 @@ def main(argv):
     # Before anything asks for a device: this many fake CPU devices stand in for the chips.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)
-    name = os.path.basename(FLAGS["config"].config_filename)
+    name = files.path(FLAGS["config"].config_filename).name
     try:
         if FLAGS.sample:
             plan = make_sampling_plan(FLAGS.config, FLAGS.sample, FLAGS.guidance, FLAGS.dtype,
@@ -369,8 +368,7 @@ def main(argv):
     except ValueError as e:
         cli.fail(e)
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(dataclasses.asdict(plan), f, indent=2)
+        files.write_text(FLAGS.json, json.dumps(dataclasses.asdict(plan), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A workdir on disk: the one place that knows its files, what it holds and how to read it back.
+"""A workdir, local or in a bucket: the one place that knows its files, what it holds and how to read it back.
 
 A **run** workdir is what training one stage leaves (`python train.py --config ...`):
 
@@ -26,7 +26,6 @@ import ctypes.util
 import functools
 import json
 import math
-import os
 from typing import Callable, Sequence
 
 import jax
@@ -36,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from dalle_jax import files
 from dalle_jax.sharding import logical
 from dalle_jax.text.tokenizer import Tokenizer
 
@@ -55,25 +55,17 @@ PATH_KEYS = ("text.tokenizer", "task.dvae_workdir", "data.data_dir", "data.folde
 
 # --- paths ----------------------------------------------------------------------------------
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def absolute(path: str) -> str:
-    return path if _is_url(path) else os.path.abspath(path)
+    return files.absolute(path)
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(absolute(workdir), CHECKPOINTS)
+    return files.join(absolute(workdir), CHECKPOINTS)
 
 
 def tokenizer_path(config, workdir: str) -> str:
     """The run's tokenizer: `config.text.tokenizer`, or the workdir's own."""
-    return config.text.tokenizer or os.path.join(workdir, TOKENIZER_FILENAME)
-
-
-def _inside(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
+    return config.text.tokenizer or files.join(workdir, TOKENIZER_FILENAME)
 
 
 def _get(config, dotted: str):
@@ -86,15 +78,16 @@ def portable_paths(config, workdir: str, root: str | None = None) -> ml_collecti
     `root` (default: `workdir`; a pipeline stage passes the pipeline's directory) and absolute
     otherwise. Paths given relative are taken from the current directory."""
     config = ml_collections.ConfigDict(config.to_dict())
-    workdir = os.path.abspath(workdir)
-    root = os.path.abspath(root or workdir)
+    workdir = absolute(workdir)
+    root = absolute(root or workdir)
     for dotted in PATH_KEYS:
         value = _get(config, dotted)
-        if not value or _is_url(value):
+        if not value:
             continue
-        path = os.path.abspath(value)
+        path = absolute(value)
         section, key = dotted.split(".")
-        config[section][key] = os.path.relpath(path, workdir) if _inside(path, root) else path
+        config[section][key] = (files.relative(path, workdir) if files.inside(path, root)
+                                else path)
     return config
 
 
@@ -102,9 +95,9 @@ def resolved_paths(config, workdir: str) -> ml_collections.ConfigDict:
     """`config` as read from `workdir`: relative path values made absolute from it."""
     for dotted in PATH_KEYS:
         value = _get(config, dotted)
-        if value and not _is_url(value) and not os.path.isabs(value):
+        if value and not files.is_remote(value) and not value.startswith("/"):
             section, key = dotted.split(".")
-            config[section][key] = os.path.normpath(os.path.join(absolute(workdir), value))
+            config[section][key] = absolute(files.join(absolute(workdir), value))
     return config
 
 
@@ -115,30 +108,28 @@ def write_config(config, workdir: str, root: str | None = None) -> None:
     if jax.process_index() != 0:
         return
     text = portable_paths(config, workdir, root).to_json_best_effort(indent=2)
-    with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
-        f.write(text)
+    files.write_text(files.join(workdir, CONFIG_FILENAME), text)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILENAME)
-    if not os.path.isfile(path):
+    path = files.join(workdir, CONFIG_FILENAME)
+    if not files.is_file(path):
         raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a training workdir")
-    with open(path) as f:
-        return resolved_paths(ml_collections.ConfigDict(json.load(f)), workdir)
+    return resolved_paths(ml_collections.ConfigDict(json.loads(files.read_text(path))), workdir)
 
 
 def is_run(workdir: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, CONFIG_FILENAME))
+    return files.is_file(files.join(workdir, CONFIG_FILENAME))
 
 
 def is_pipeline(workdir: str) -> bool:
     """A pipeline workdir: no config of its own, one run per stage below it."""
-    return not is_run(workdir) and any(is_run(os.path.join(workdir, stage))
+    return not is_run(workdir) and any(is_run(pipeline_stage(workdir, stage))
                                        for stage in PIPELINE_STAGES)
 
 
 def pipeline_stage(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage)
+    return files.join(workdir, stage)
 
 
 def rerankers(workdir: str) -> list[str]:
@@ -225,7 +216,7 @@ class Run:
         source = "ema" if use_ema and self.config.optimizer.ema_decay > 0 else "params"
         target = {source: params, "rest": rest}
         rules = rules or self.config.sharding.rules
-        restored = _restore_subtree(os.path.join(checkpoint_dir(self.path), str(step), STATE),
+        restored = _restore_subtree(files.join(checkpoint_dir(self.path), str(step), STATE),
                                     _with_shardings(target, mesh, rules))
         logging.info("loaded the %s parameters of step %d from %s", source, step, self.path)
         return nnx.merge(graphdef, restored[source], restored["rest"])

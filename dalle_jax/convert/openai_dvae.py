@@ -21,9 +21,8 @@ symmetric 'same' padding, so no kernel is flipped.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import secrets
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from dalle_jax import cli, config_lib
+from dalle_jax import cli, config_lib, files
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.models import dvae
 from dalle_jax.training import checkpoint, optimizer
@@ -61,10 +60,11 @@ def import_dall_e():
 def load_release_module(path: str, flag: str, expected: type):
     """The unpickled module in `path`, which must be an instance of `expected`."""
     torch, _ = import_dall_e()
-    if not os.path.isfile(path):
+    if not files.is_file(path):
         raise SystemExit(f"{flag} {path!r}: no such file")
     try:
-        module = torch.load(path, weights_only=False, map_location="cpu")
+        module = torch.load(io.BytesIO(files.read_bytes(path)), weights_only=False,
+                            map_location="cpu")
     except Exception as e:  # Anything can fail inside an unpickler; say which file it was.
         raise SystemExit(f"{flag} {path!r} is not a loadable PyTorch pickle "
                          f"({type(e).__name__}: {e})") from None
@@ -178,33 +178,35 @@ def initial_train_state(config, released: dict) -> state_lib.TrainState:
 
 
 def write_workdir(directory: str, config, state, provenance: str) -> None:
-    workdir_lib.write_config(config, directory)
-    with open(os.path.join(directory, "CONVERTED_FROM.txt"), "w") as f:
-        f.write(provenance)
+    """The checkpoint first and the config last: a directory without config.json is no
+    workdir, so an interrupted write never reads as a converted model."""
     checkpoint.save_state(directory, 0, state)
+    files.write_text(files.join(directory, "CONVERTED_FROM.txt"), provenance)
+    workdir_lib.write_config(config, directory)
 
 
 def check_output_free(out: str) -> None:
-    if os.path.isdir(workdir_lib.checkpoint_dir(out)):
+    if files.path(workdir_lib.checkpoint_dir(out)).is_dir():
         raise SystemExit(f"--out {out!r} already holds a checkpoint: refusing to overwrite it")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    path = files.path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SystemExit(f"--out {out!r} exists and is not an empty directory: refusing to "
                          "write into it")
 
 
 def make_staging_dir(out: str) -> str:
-    """An empty hidden directory beside `out`, on the same file system so a rename publishes
-    it; made with os.mkdir so its permissions are those of a directory a run would make."""
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = os.path.join(os.path.dirname(out),
-                           f".{os.path.basename(out)}.converting-{secrets.token_hex(4)}")
-    os.mkdir(staging)
-    return staging
+    """An empty hidden directory beside local `out`, on the same file system so a rename
+    publishes it, with the permissions of a directory a run would make."""
+    parent = files.path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{files.path(out).name}.converting-{secrets.token_hex(4)}"
+    staging.mkdir()
+    return str(staging)
 
 
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -216,22 +218,25 @@ def convert(encoder_path: str, decoder_path: str, out: str, image_size: int = 25
     User errors are one-line SystemExits naming the culprit.
     """
     _, dall_e = import_dall_e()
-    out = os.path.abspath(out)
+    out = files.absolute(out)
     check_output_free(out)
     encoder = load_release_module(encoder_path, "--encoder", dall_e.Encoder)
     decoder = load_release_module(decoder_path, "--decoder", dall_e.Decoder)
     config = workdir_config(model_config_from_release(encoder, decoder, image_size))
     state = initial_train_state(config, release_state_dicts(encoder, decoder))
-    provenance = "".join(f"{name}: {os.path.abspath(path)} sha256 {sha256(path)}\n"
+    provenance = "".join(f"{name}: {files.absolute(path)} sha256 {sha256(path)}\n"
                          for name, path in (("encoder", encoder_path), ("decoder", decoder_path)))
 
-    staging = make_staging_dir(out)
+    # Locally, a hidden directory renamed into place publishes the workdir whole. An object
+    # store cannot rename a directory: there the workdir is written in place, its config last.
+    target = out if files.is_remote(out) else make_staging_dir(out)
     try:
-        write_workdir(staging, config, state, provenance)
-        check_output_free(out)  # again: something may have appeared meanwhile
-        os.replace(staging, out)  # replaces only a missing or empty directory
+        write_workdir(target, config, state, provenance)
+        if target != out:
+            check_output_free(out)  # again: something may have appeared meanwhile
+            files.path(target).replace(out)  # replaces only a missing or empty directory
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        files.path(target).rmtree(missing_ok=True)
         raise
     return out
 

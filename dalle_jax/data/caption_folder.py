@@ -39,13 +39,15 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils.epath import Path
 from PIL import Image, ImageOps
+
+from dalle_jax import files
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -185,13 +187,19 @@ def list_images(directory: Path) -> dict[str, Path]:
     followed so a link cycle cannot hang the build.
     """
     found = {}
-    for dirpath, dirnames, filenames in os.walk(directory):
+    for dirpath, dirnames, filenames in Path(directory).walk():
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and _extension(name) in IMAGE_EXTENSIONS:
                 path = Path(dirpath, name)
-                found[path.relative_to(directory).as_posix()] = path
+                rel = path.relative_to(directory)
+                if not any(part.startswith(".") for part in rel.parts):
+                    found[rel.as_posix()] = path
     return dict(sorted(found.items()))
+
+
+def _extension(name: str) -> str:
+    return posixpath.splitext(name)[1].lower()
 
 
 def find_splits(folder: Path) -> dict[str, Path]:
@@ -237,7 +245,7 @@ def load_image(path: Path, max_side: int) -> tuple[Image.Image | None, str | Non
     Animated GIF/WebP contribute their first frame.
     """
     try:
-        with Image.open(path) as img:
+        with Path(path).open("rb") as f, Image.open(f) as img:
             if max_side > 0:
                 # JPEG only: decode at 1/2..1/8 scale in the DCT (both sides stay
                 # >= max_side), which makes big photos several times cheaper.
@@ -312,7 +320,7 @@ class CaptionFolderConfig(tfds.core.BuilderConfig):
 
 
 def _check_folder(folder: str) -> None:
-    if not os.path.isdir(folder):
+    if not Path(folder).is_dir():
         raise ValueError(f"caption_folder: folder {folder!r} does not exist or is not a directory")
 
 
@@ -328,8 +336,11 @@ def make_config(folder: str | os.PathLike, max_side: int = 512) -> CaptionFolder
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 0:
         raise ValueError(f"caption_folder: max_side must be an int >= 0 (0 = keep size), "
                          f"got {max_side!r}")
-    abs_folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
-    base = re.sub(r"[^a-z0-9]+", "_", os.path.basename(abs_folder).lower()).strip("_")
+    folder = os.fspath(folder)
+    if not files.is_remote(folder):
+        folder = os.path.expanduser(folder)
+    abs_folder = files.absolute(folder)
+    base = re.sub(r"[^a-z0-9]+", "_", posixpath.basename(abs_folder).lower()).strip("_")
     digest = hashlib.sha256(f"{abs_folder}\0{max_side}".encode()).hexdigest()[:10]
     return CaptionFolderConfig(
         name=f"{base[:40] or 'folder'}_{digest}",
@@ -452,8 +463,8 @@ class CaptionFolder(tfds.core.GeneratorBasedBuilder):
         _check_folder(config.folder)
         splits = find_splits(folder)
         if folder not in splits.values():
-            stray = [n for n in sorted(os.listdir(folder)) if n in (JSONL_NAME, CSV_NAME)
-                     or os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+            stray = [n for n in sorted(p.name for p in folder.iterdir())
+                     if n in (JSONL_NAME, CSV_NAME) or _extension(n) in IMAGE_EXTENSIONS]
             if stray:
                 logging.warning("caption_folder: %s has split subfolders (%s); ignoring its "
                                 "top-level %s", folder, ", ".join(splits), ", ".join(stray))

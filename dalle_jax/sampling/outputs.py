@@ -12,9 +12,10 @@ rank.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+
+from dalle_jax import files
 
 
 def to_pixels(images) -> np.ndarray:
@@ -34,24 +35,18 @@ def _key(seed: int, index: int) -> str:
     return f"fold_in(key({seed}), {index})"
 
 
-def _save(pixels: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    Image.fromarray(pixels).save(path)
-
-
 def write_samples(out: str, prompts: list[str], images, *, seed: int, settings: dict,
                   reranked=None, extra: dict | None = None) -> str:
     """Writes the images (prompt-major, the same number per prompt) and returns the path of
     samples.json. `reranked` is a `rerank.Reranked` whose kept images are `images`."""
-    os.makedirs(out, exist_ok=True)
+    files.make_dirs(out)
     pixels = to_pixels(images)
     n = len(pixels) // len(prompts)
     for p in range(len(prompts)):
         mine = pixels[p * n:(p + 1) * n]
         for i, image in enumerate(mine):
-            _save(image, os.path.join(out, f"{p:03d}_{i:03d}.png"))
-        _save(grid_of(mine, min(n, 8)), os.path.join(out, f"grid_{p:03d}.png"))
+            files.write_png(files.join(out, f"{p:03d}_{i:03d}.png"), image)
+        files.write_png(files.join(out, f"grid_{p:03d}.png"), grid_of(mine, min(n, 8)))
     record = {"prompts": list(prompts), "n": n, "seed": seed, "settings": settings,
               **(extra or {})}
     if reranked is None:
@@ -64,9 +59,8 @@ def write_samples(out: str, prompts: list[str], images, *, seed: int, settings: 
                              "file": f"{p:03d}_{r:03d}.png"}
                             for p in range(len(prompts)) for r, i in enumerate(reranked.kept[p])]
         record["candidates"] = _write_candidates(out, prompts, reranked, seed)
-    path = os.path.join(out, "samples.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    path = files.join(out, "samples.json")
+    files.write_text(path, json.dumps(record, indent=1))
     return path
 
 
@@ -75,8 +69,8 @@ def _write_candidates(out: str, prompts: list[str], reranked, seed: int) -> list
     pixels = to_pixels(reranked.candidates)
     records = []
     for p in range(len(prompts)):
-        _save(grid_of(pixels[p * count:(p + 1) * count], min(count, 8)),
-              os.path.join(out, f"candidates_{p:03d}.png"))
+        files.write_png(files.join(out, f"candidates_{p:03d}.png"),
+                        grid_of(pixels[p * count:(p + 1) * count], min(count, 8)))
         rank_of = {int(i): r for r, i in enumerate(reranked.kept[p])}
         records += [{"prompt": p, "index": i, "key": _key(seed, i),
                      "score": float(reranked.scores[p, i]), "kept_rank": rank_of.get(i)}

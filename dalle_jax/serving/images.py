@@ -14,11 +14,11 @@ Images are drawn at the model's size and enlarged to the requested one by repeat
 from __future__ import annotations
 
 import dataclasses
-import io
 import secrets
 
 import numpy as np
 
+from dalle_jax import files
 from dalle_jax.sampling.generator import Generator, Settings
 from dalle_jax.sampling.outputs import to_pixels
 from dalle_jax.sampling.rerank import top_k_indices
@@ -51,14 +51,6 @@ class Limits:
     max_n: int = 10
     max_candidates: int = 64
     max_guidance: float = 20.0
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def enlarge(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -159,7 +151,7 @@ class ImageService:
             scores = self.generator.scorer.score(images, [request.prompt] * len(images))
             images = images[top_k_indices(scores[None], request.n)[0]]
         size = self.size_of(request.size)
-        return [png_bytes(enlarge(pixels, size)) for pixels in to_pixels(images)]
+        return [files.png_bytes(enlarge(pixels, size)) for pixels in to_pixels(images)]
 
     def generate(self, request: ImageRequest) -> list[bytes]:
         """Blocking: the request's images as PNG files."""

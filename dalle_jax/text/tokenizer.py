@@ -7,12 +7,13 @@ Captions are lower-cased by SentencePiece's case-folding normaliser, as the pape
 from __future__ import annotations
 
 import io
-import os
 from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
 from absl import logging
+
+from dalle_jax import files
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -38,24 +39,21 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, path: str) -> "Tok
         character_coverage=1.0,
         minloglevel=2,
     )
-    # Write-then-rename: an interrupted run never leaves a half-written model behind.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(proto.getvalue())
-    os.replace(tmp, path)
+    files.write_bytes(path, proto.getvalue())  # whole or not at all: see files.write_bytes
     return Tokenizer(path)
 
 
 class Tokenizer:
     """Encodes captions to fixed-length id arrays `[BOS] pieces... [EOS] PAD...` and back."""
 
-    def __init__(self, path: str):
-        if not os.path.isfile(path):
+    def __init__(self, path: str, proto: bytes | None = None):
+        if proto is None and not files.is_file(path):
             raise FileNotFoundError(
                 f"tokenizer model {path!r} does not exist: train one with the tokenizer stage "
                 "(train.py trains it into the workdir on first use) or point the config at it")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self._proto = files.read_bytes(path) if proto is None else proto
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
 
     @property
     def vocab_size(self) -> int:
@@ -94,8 +92,9 @@ class Tokenizer:
         return self._sp.decode(ids)
 
     def __reduce__(self):
-        # Grain workers receive transforms by pickling: ship the path, not the C++ object.
-        return (Tokenizer, (self.path,))
+        # Grain workers receive transforms by pickling: ship the model's bytes (not the C++
+        # object, and not the path: a worker should not read the file again from a bucket).
+        return (Tokenizer, (self.path, self._proto))
 
 
 def encode_texts(tokenizer, texts, length: int, what: str = "caption") -> np.ndarray:

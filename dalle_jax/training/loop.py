@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from typing import Callable
@@ -15,7 +14,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dalle_jax import workdir as workdir_lib
+from dalle_jax import files, workdir as workdir_lib
 from dalle_jax.data import input_pipeline
 from dalle_jax.sharding import logical
 from dalle_jax.tasks.task import Task
@@ -60,12 +59,14 @@ class StepProfiler:
     def __init__(self, count: int, first_step: int, workdir: str):
         self.start = first_step + self.WARMUP_STEPS + 1
         self.stop = self.start + count - 1 if count > 0 else None
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = files.join(workdir, "profile")
         self.active = False
+        self._mirror = None
 
     def step_starts(self, step: int) -> None:
         if self.stop is not None and step == self.start:
-            jax.profiler.start_trace(self.directory)
+            self._mirror = files.LocalMirror(self.directory)  # the profiler writes local files
+            jax.profiler.start_trace(self._mirror.path)
             self.active = True
 
     def step_dispatched(self, step: int, state) -> None:
@@ -76,6 +77,7 @@ class StepProfiler:
     def close(self) -> None:
         if self.active:
             jax.profiler.stop_trace()
+            self._mirror.close()
             self.active = False
             logging.info("profiler trace of steps %d-%d in %s", self.start, self.stop,
                          self.directory)

@@ -4,14 +4,13 @@ without a model)."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, TypeVar
 
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dalle_jax import config_lib
+from dalle_jax import config_lib, files
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.data import input_pipeline, sources
 from dalle_jax.sharding import logical, mesh as mesh_lib
@@ -38,7 +37,7 @@ def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     path = workdir_lib.tokenizer_path(config, workdir)
 
     def make():
-        if os.path.exists(path) or config.text.tokenizer:
+        if files.exists(path) or config.text.tokenizer:
             return tokenizer_lib.Tokenizer(path)  # An explicit path must exist: no silent retrain.
         logging.info("training a %d-piece tokenizer on %s captions -> %s",
                      config.text.vocab_size, config.data.train_split, path)
@@ -65,7 +64,7 @@ def setup(config, workdir: str, root: str | None = None):
     if config.data.batch_size % ways:
         raise ValueError(f"config.data.batch_size={config.data.batch_size} does not divide "
                          f"over the {ways} batch shards of mesh {dict(mesh.shape)}")
-    os.makedirs(workdir, exist_ok=True)
+    files.make_dirs(workdir)
     workdir_lib.write_config(config, workdir, root)
     first_process_then_all("data", lambda: sources.prepared_builder(config.data),
                            lambda: sources.prepared_builder(config.data))
@@ -94,6 +93,5 @@ def input_report(config, workdir: str) -> dict:
         "throughput": throughput,
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "input_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        files.write_text(files.join(workdir, "input_report.json"), json.dumps(report, indent=2))
     return report
