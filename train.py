@@ -24,11 +24,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    try:
+        run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, files.NotWritable) as e:  # bad input: one line
+        cli.fail(e)
+
+
+def run(config, workdir: str) -> None:
     # Imported after flag parsing: --help stays fast.
     from dalle_jax import pipeline
     from dalle_jax.training import setup
 
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if pipeline.is_pipeline(config):
         samples = pipeline.run_pipeline(config, workdir)
         if samples is not None:

@@ -59,6 +59,30 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+class NotWritable(OSError):
+    """A workdir the project cannot write into, or one without room for a checkpoint."""
+
+
+def check_writable(directory: PathLike) -> None:
+    """Makes `directory` (and its parents) and writes, then removes, a small file in it, so a
+    read-only or misplaced workdir fails before any work rather than at the first save."""
+    probe = join(directory, f".write-test-{os.getpid()}")
+    try:
+        make_dirs(directory)
+        write_text(probe, "ok")
+        epath.Path(probe).unlink()
+    except OSError as e:
+        raise NotWritable(f"workdir {os.fspath(directory)!r} is not writable "
+                          f"({type(e).__name__}: {e.strerror or e})") from None
+
+
+def free_bytes(directory: PathLike) -> int | None:
+    """Free bytes on the file system of local `directory`; None for a bucket (no such limit)."""
+    if is_remote(directory):
+        return None
+    return shutil.disk_usage(os.fspath(directory)).free
+
+
 def path(path: PathLike) -> epath.Path:
     return epath.Path(path)
 

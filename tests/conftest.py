@@ -15,7 +15,26 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def required_in_ci(reason: str) -> None:
+    """Skips the test, except under CI=true (.ci/run sets it): CI installs everything the
+    tests use, so there a missing tool means something broke, and the test fails."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: CI installs it, so this fails instead of skipping)",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_required_in_ci(name: str, reason: str):
+    """`pytest.importorskip`, failing under CI=true (see `required_in_ci`)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        required_in_ci(reason)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -54,6 +73,18 @@ def mini_config(tmp_path_factory):
     config.data.shapes.num_heldout = 60
     sources.prepared_builder(config.data)
     return lambda: config.copy_and_resolve_references()
+
+
+@pytest.fixture
+def toy_config(mini_config):
+    """The mini data set with tests/toy_task.py's tiny task: the loop's mechanics in seconds."""
+    config = mini_config()
+    config.task.name = "toy"
+    config.data.batch_size = 16
+    config.train.update(dict(steps=8, log_every=4, eval_every=8, eval_batches=2, images_every=8,
+                             checkpoint_every=4, keep_checkpoints=5))
+    config.optimizer.update(dict(learning_rate=3e-2, warmup_steps=2, ema_decay=0.9))
+    return config
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed (the convert extra)")
-dall_e = pytest.importorskip("dall_e", reason="OpenAI's dall_e package is not installed "
-                             "(pip install --no-deps dall-e==0.1)")
+from conftest import import_required_in_ci  # noqa: E402
+
+torch = import_required_in_ci("torch", "PyTorch is not installed (the convert extra)")
+dall_e = import_required_in_ci("dall_e", "OpenAI's dall_e package is not installed "
+                               "(pip install --no-deps dall-e==0.1)")
 
 from flax import nnx  # noqa: E402
 

@@ -251,13 +251,15 @@ def partition_specs_under_pod_mesh() -> dict[str, str]:
     return flat
 
 
+def write_golden_partition_specs() -> None:
+    with open(GOLDEN, "w") as f:
+        json.dump(partition_specs_under_pod_mesh(), f, indent=1, sort_keys=True)
+
+
 def test_12b_partition_specs_match_the_golden_file():
-    """Regenerate after an intended change with: DALLE_JAX_UPDATE_GOLDEN=1 pytest -k golden."""
+    """The test only reads the file. After an intended change of the sharding, regenerate it
+    with `python tests/test_dalle.py --write-golden` and review its diff."""
     specs = partition_specs_under_pod_mesh()
-    if os.environ.get("DALLE_JAX_UPDATE_GOLDEN"):
-        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
-        with open(GOLDEN, "w") as f:
-            json.dump(specs, f, indent=1, sort_keys=True)
     with open(GOLDEN) as f:
         golden = json.load(f)
     assert specs == golden
@@ -311,3 +313,12 @@ def test_bad_model_config_is_a_one_line_error(key, value, match):
     with pytest.raises(ValueError, match=match):
         cfg = small_config(**{key: value})
         dalle.DALLE(cfg, rngs=fast_rngs())
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-golden"]:
+        sys.exit("usage: python tests/test_dalle.py --write-golden")
+    write_golden_partition_specs()
+    print(f"wrote {GOLDEN}")

@@ -14,6 +14,7 @@ import conftest
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.pipeline import make_task
 from dalle_jax.sampling.generator import Generator
+from dalle_jax.sampling.outputs import to_pixels
 from dalle_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,13 @@ def test_sample_cli_writes_images_grids_and_a_record(trained, tmp_path):
         record = json.load(f)
     assert record["prompts"][1] == "a blue square above a green triangle"
     assert record["settings"]["keep_rows"] == 2 and len(record["images"]) == 6
-    assert np.asarray(Image.open(out / "000_000.png")).shape == (32, 32, 3)
+    # The same images as the Python API draws for the completed photo (seed 0, image index i).
+    generate = Generator.from_workdir(workdir, batch_size=4)
+    want = to_pixels(generate(record["prompts"], 3, 0, image=np.full((50, 40, 3), 200, np.uint8),
+                              keep_rows=2, temperature=0.8))
+    for index, image in enumerate(want):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{index // 3:03d}_"
+                                                            f"{index % 3:03d}.png")), image)
 
     result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--n", "0")
     assert result.returncode != 0 and "--n=0" in result.stderr

@@ -2,10 +2,10 @@
 
 Two local processes with 4 CPU devices each (jax.distributed over loopback, gloo collectives)
 run `train.py` with the batch and the FSDP axis spanning both; each reads only its half of
-every global batch. The reference is one process with 8 devices. A dVAE of 8 px images runs
-in the default suite (about 80 s on 2 cores, most of it three start-ups and compilations);
-the tiny transformer, which also hands the pipeline's trained dVAE to every process, runs
-with `-m slow`.
+every global batch. The reference is one process with 8 devices. A CLIP 16 wide runs
+in the default suite; the 8 px dVAE, and the tiny transformer, which also hands the pipeline's
+trained dVAE to every process, run with `-m slow`. Most of the time is three start-ups and
+compilations of a train step, the reference's concurrent with the two processes'.
 """
 import json
 import os
@@ -35,6 +35,22 @@ def get_config():
 '''
 
 
+def tiny_clip_config(mini_config):
+    """configs/clip_mini.py at width 16 with one block per tower and 16-pixel patches: its init
+    and step compile in a few seconds (a dVAE's many convolutions take twice as long), and the
+    contrastive loss over the global batch needs every process's examples."""
+    from dalle_jax import config_lib
+
+    config = config_lib.load("clip_mini")
+    config.data.update(dict(data_dir=mini_config().data.data_dir, batch_size=16))
+    config.data.shapes.update(mini_config().data.shapes.to_dict())
+    config.text.update(dict(length=12, vocab_size=64))
+    config.model.update(dict(patch_size=16, image_width=16, image_depth=1, image_heads=1,
+                             text_width=16, text_depth=1, text_heads=1, embed_dim=16))
+    config.optimizer.ema_decay = 0.0  # fewer arrays: the optimizer's update compiles faster
+    return config
+
+
 def tiny_dvae_config(mini_config):
     """configs/dvae_mini.py at 8 px, 2 groups and 16 codes: compiles and runs in seconds."""
     from dalle_jax import config_lib
@@ -47,9 +63,12 @@ def tiny_dvae_config(mini_config):
     return config
 
 
-@pytest.fixture(scope="module", params=["dvae", pytest.param("dalle", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["clip", pytest.param("dvae", marks=pytest.mark.slow),
+                                        pytest.param("dalle", marks=pytest.mark.slow)])
 def config(request, mini_config):
-    if request.param == "dvae":
+    if request.param == "clip":
+        config = tiny_clip_config(mini_config)
+    elif request.param == "dvae":
         config = tiny_dvae_config(mini_config)
     else:
         config = tiny_dalle_config(mini_config, request.getfixturevalue("pipeline_run"))
@@ -62,21 +81,13 @@ def config(request, mini_config):
     return config
 
 
-@pytest.fixture(scope="module")
-def one_process(config, tmp_path_factory):
-    """The reference: every step's loss and the final state of one process with 8 devices."""
-    workdir = str(tmp_path_factory.mktemp("one_process"))
-    state = train_stage(config, workdir)
-    return losses(workdir), jax.device_get(state)
-
-
 def losses(workdir: str) -> dict[int, float]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
-def run_two_processes(config, workdir: str, tmp_path):
+def start_two_processes(config, workdir: str, tmp_path) -> list[subprocess.Popen]:
     json_path = str(tmp_path / "config.json")
     with open(json_path, "w") as f:
         f.write(config.to_json_best_effort())
@@ -93,6 +104,10 @@ def run_two_processes(config, workdir: str, tmp_path):
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
          "--config.distributed.cpu_collectives=gloo"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return procs
+
+
+def wait_for(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output[-3000:]
@@ -104,12 +119,17 @@ def assert_trees_close(a, b):
 
 
 def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_mesh(
-        config, one_process, tmp_path):
-    reference_losses, reference_state = one_process
+        config, tmp_path):
     workdir = str(tmp_path / "two_processes")
     two = config.copy_and_resolve_references()
     two.train.steps = 4  # Stops with a checkpoint at step 4.
-    run_two_processes(two, workdir, tmp_path)
+    processes = start_two_processes(two, workdir, tmp_path)
+    # The reference, trained here while the two processes run (both mostly compile, each on
+    # one core): every step's loss and the final state of one process with 8 devices.
+    reference_workdir = str(tmp_path / "one_process")
+    reference_state = jax.device_get(train_stage(config, reference_workdir))
+    reference_losses = losses(reference_workdir)
+    wait_for(processes)
 
     two_losses = losses(workdir)
     assert sorted(two_losses) == [1, 2, 3, 4]

@@ -124,6 +124,87 @@ def test_top_k_one_is_greedy_and_guidance_one_is_conditional(small):
     np.testing.assert_allclose(mixed, 0.5 + 3.0 * (2.0 - 0.5))
 
 
+def teacher_forced_logits(model, text, tokens):
+    return np.asarray(nnx.jit(lambda m, t, i: m(t, i))(model, jnp.asarray(text),
+                                                       jnp.asarray(tokens))[1])
+
+
+def assert_greedy_choices(tokens, logits, start=0):
+    """Every token from `start` on is the argmax of its logits, and the check can tell: the
+    two best logits are apart at most positions (a near-tie could flip either way)."""
+    ordered = np.sort(logits, axis=-1)
+    gaps = (ordered[..., -1] - ordered[..., -2])[:, start:]
+    assert np.mean(gaps > 1e-4) > 0.9
+    np.testing.assert_array_equal(tokens[:, start:], np.argmax(logits, axis=-1)[:, start:])
+
+
+def test_guided_decoding_follows_the_guided_teacher_forced_logits(small):
+    """At scale 3 the cached guided decode picks, at every position, the argmax of
+    uncond + 3·(cond − uncond) from two teacher-forced forwards (the caption and the empty
+    caption) over the drawn tokens; at scale 1 the unconditional stream would cancel out."""
+    cfg, model = small
+    text = captions(cfg, [2, 3, 1], seed=4)
+    tokens = sample(model, text, [0, 1, 2], guided=True, guidance=3.0, temperature=0.0)
+    cond = teacher_forced_logits(model, text, tokens)
+    uncond = teacher_forced_logits(model, np.asarray(dalle.empty_captions(*text.shape)), tokens)
+    assert_greedy_choices(tokens, uncond + 3.0 * (cond - uncond))
+    assert not np.array_equal(tokens, np.argmax(cond, axis=-1))  # guidance changed the picks
+
+
+def test_completion_continues_from_the_kept_tokens_at_every_position(small):
+    """The completed images' tokens after the kept prefix are the greedy choices of the
+    teacher-forced model over the prefix and the drawn tail, position by position."""
+    cfg, model = small
+    text = captions(cfg, [2, 3])
+    given = image_tokens(cfg, 2, seed=9)
+    keep = np.array([4, 9], np.int32)
+    tokens = sample(model, text, [0, 1], given=given, keep=keep, temperature=0.0)
+    logits = teacher_forced_logits(model, text, tokens)
+    for row, k in enumerate(keep):
+        np.testing.assert_array_equal(tokens[row, :k], given[row, :k])
+        assert_greedy_choices(tokens[row:row + 1], logits[row:row + 1], start=int(k))
+
+
+def filtered_distribution(logits, temperature, top_k, top_p):
+    """NumPy: softmax(logits / T) over the top-k tokens of the top-p nucleus, renormalised."""
+    order = np.argsort(-logits)
+    probs = np.exp((logits - logits.max()) / temperature)
+    probs /= probs.sum()
+    keep = np.zeros(len(logits), bool)
+    mass = 0.0
+    for rank, token in enumerate(order):
+        if (top_k and rank >= top_k) or mass >= top_p:
+            break
+        keep[token] = True
+        mass += probs[token]
+    probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.5, 4, 1.0), (0.8, 0, 0.75), (1.3, 6, 0.9)])
+def test_sampled_tokens_follow_the_numpy_distribution(temperature, top_k, top_p):
+    """A chi-square goodness-of-fit test of 20,000 draws from fixed logits against the NumPy
+    distribution; the threshold's false-alarm rate is 1e-6 per case (fixed seed: the verdict
+    is the same on every run)."""
+    from scipy import stats
+
+    draws, vocab = 20_000, 10
+    logits = np.random.default_rng(1).normal(scale=1.5, size=vocab).astype(np.float32)
+    controls = {"temperature": jnp.float32(temperature), "top_k": jnp.int32(top_k),
+                "top_p": jnp.float32(top_p)}
+    tokens = jax.jit(decode.choose_tokens)(jnp.broadcast_to(jnp.asarray(logits), (draws, vocab)),
+                                           jax.random.split(jax.random.key(7), draws), jnp.int32(3),
+                                           controls)
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    expected = filtered_distribution(logits.astype(np.float64), temperature, top_k, top_p)
+    assert counts[expected == 0].sum() == 0  # nothing outside the filters
+    support = expected > 0
+    statistic = np.sum((counts[support] - draws * expected[support]) ** 2
+                       / (draws * expected[support]))
+    assert statistic < stats.chi2.isf(1e-6, df=support.sum() - 1), (counts, expected * draws)
+
+
 def test_an_image_depends_only_on_its_caption_and_key(small):
     cfg, model = small
     text = captions(cfg, [2, 3, 1, 4], seed=3)

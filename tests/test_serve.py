@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the server needs the serve extra: pip install -e '.[serve]'")
+from conftest import import_required_in_ci, required_in_ci  # noqa: E402
+
+import_required_in_ci("fastapi", "the server needs the serve extra: pip install -e '.[serve]'")
 import uvicorn  # noqa: E402
 
 from dalle_jax.sampling.outputs import to_pixels  # noqa: E402
@@ -102,7 +104,7 @@ def fetch(url) -> bytes:
 
 
 def test_openai_client_gets_urls_of_the_images_the_python_api_draws(service, server):
-    openai = pytest.importorskip("openai")
+    openai = import_required_in_ci("openai", "the openai client is not installed (test extra)")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     answer = client.images.generate(prompt=PROMPT, n=2, size="256x256",
                                     extra_body={"seed": 11})
@@ -113,7 +115,7 @@ def test_openai_client_gets_urls_of_the_images_the_python_api_draws(service, ser
 
 
 def test_openai_client_gets_base64_images_with_guidance(service, server):
-    openai = pytest.importorskip("openai")
+    openai = import_required_in_ci("openai", "the openai client is not installed (test extra)")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     answer = client.images.generate(prompt="a green triangle", n=3, size="32x32",
                                     response_format="b64_json",
@@ -223,6 +225,12 @@ def test_concurrent_requests_share_batches_and_one_compilation(service, server):
     ({"prompt": PROMPT, "n": 3, "rerank": 2}, "rerank", "between n=3"),
     ({"prompt": PROMPT, "rerank": -4}, "rerank", "must be >= 0"),
     ({"prompt": PROMPT, "colour": "red"}, "colour", "unknown field"),
+    ({"prompt": 5}, "prompt", "valid string"),
+    ({"prompt": ["a red circle"]}, "prompt", "valid string"),
+    ({"prompt": PROMPT, "guidance": "strong"}, "guidance", "valid number"),
+    ({"prompt": PROMPT, "seed": 1.5}, "seed", "integer"),
+    ({"prompt": "\t\n "}, "prompt", "prompt is empty"),
+    ({"prompt": "🎨 " * 30}, "prompt", "tokens"),  # 30 unknown words: too long
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, param, words):
     status, answer = post(server, body)
@@ -234,8 +242,55 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, bod
     assert status == 200 and len(answer["data"]) == 1
 
 
+@pytest.mark.parametrize("prompt", ["un cercle — très", "a red circle 🎨✨", "круг", "赤い丸"])
+def test_non_ascii_prompts_draw_what_the_python_api_draws(service, server, prompt):
+    """Letters the caption tokenizer never saw become its unknown token, as in the Python API."""
+    status, answer = post(server, {"prompt": prompt, "n": 1, "size": "32x32", "seed": 4,
+                                   "response_format": "b64_json"})
+    assert status == 200, answer
+    assert answer["data"][0]["revised_prompt"] == prompt
+    np.testing.assert_array_equal(pixels_of(base64.b64decode(answer["data"][0]["b64_json"])),
+                                  expected(service, prompt, 1, 4, 32)[0])
+
+
+def test_a_client_that_disconnects_mid_request_does_not_stop_the_others(service, server):
+    port = int(server.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": PROMPT, "n": 4, "size": "32x32", "seed": 8}).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/json\r\n"
+                               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        # closed before the answer
+    status, answer = post(server, {"prompt": PROMPT, "n": 1, "size": "32x32", "seed": 3,
+                                   "response_format": "b64_json"})
+    assert status == 200, answer
+    np.testing.assert_array_equal(pixels_of(base64.b64decode(answer["data"][0]["b64_json"])),
+                                  expected(service, PROMPT, 1, 3, 32)[0])
+    deadline = time.time() + 60  # the abandoned requests are drawn and dropped, not stuck
+    while service.batcher.waiting and time.time() < deadline:
+        time.sleep(0.1)
+    assert service.batcher.waiting == 0
+
+
+def test_the_image_store_keeps_the_newest_images_and_names_expired_ones(service):
+    with serving(service, stored_images=2) as url:
+        urls = []
+        for seed in range(3):
+            status, answer = post(url, {"prompt": PROMPT, "n": 1, "size": "32x32", "seed": seed})
+            assert status == 200, answer
+            urls.append(answer["data"][0]["url"])
+        with pytest.raises(urllib.error.HTTPError) as expired:
+            fetch(urls[0])
+        assert expired.value.code == 404
+        assert "images expire after the newest 2" in json.load(expired.value)["error"]["message"]
+        for seed, kept in zip((1, 2), urls[1:]):
+            np.testing.assert_array_equal(pixels_of(fetch(kept)),
+                                          expected(service, PROMPT, 1, seed, 32)[0])
+
+
 def test_openai_client_raises_bad_request_with_the_servers_message(server):
-    openai = pytest.importorskip("openai")
+    openai = import_required_in_ci("openai", "the openai client is not installed (test extra)")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="n=20 must be between 1 and 10"):
         client.images.generate(prompt=PROMPT, n=20, size="256x256")
@@ -245,7 +300,7 @@ def test_oversize_and_malformed_bodies(server):
     status, answer = post(server, {"prompt": "a" * 5000})
     assert status == 413 and answer["error"]["code"] == "request_too_large"
     # Chunked, with no Content-Length to refuse up front: counted as it streams in.
-    httpx = pytest.importorskip("httpx")
+    httpx = import_required_in_ci("httpx", "httpx is not installed (test extra)")
     chunks = (b"x" * 1024 for _ in range(8))
     response = httpx.post(f"{server}/v1/images/generations", content=chunks,
                           headers={"Content-Type": "application/json"}, timeout=60)
@@ -301,11 +356,11 @@ def test_service_checks_requests_before_queueing(service):
 
 
 def _browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    webdriver = import_required_in_ci("selenium.webdriver", "selenium is not installed")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("no headless browser: apt-get install chromium chromium-driver")
+        required_in_ci("no headless browser: apt-get install chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -314,7 +369,8 @@ def _browser():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
 
 
-def test_web_page_draws_images_in_a_real_browser(server):
+def test_web_page_draws_images_in_a_real_browser(service, server):
+    """The page shows, for each image, the pixels the Python API draws for its seed."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -333,9 +389,19 @@ def test_web_page_draws_images_in_a_real_browser(server):
         WebDriverWait(browser, 120).until(
             lambda b: len(b.find_elements(By.CSS_SELECTOR, "img.drawn")) == 3
             and not b.find_element(By.ID, "draw").get_attribute("disabled"))
-        widths = [browser.execute_script("return arguments[0].naturalWidth", image)
-                  for image in browser.find_elements(By.CSS_SELECTOR, "img.drawn")]
-        assert widths == [32, 32, 32]
+        guidance = float(browser.find_element(By.ID, "guidance").get_attribute("value"))
+        figures = browser.find_elements(By.CSS_SELECTOR, "figure")
+        seeds = []
+        for figure in figures:
+            image = figure.find_element(By.CSS_SELECTOR, "img.drawn")
+            assert browser.execute_script("return arguments[0].naturalWidth", image) == 32
+            source = image.get_attribute("src")
+            assert source.startswith("data:image/png;base64,")
+            seeds.append(int(figure.find_element(By.TAG_NAME, "figcaption").text.split()[-1]))
+            want = expected(service, "a blue square", 1, seeds[-1], 32, guidance=guidance)[0]
+            np.testing.assert_array_equal(pixels_of(base64.b64decode(source.split(",", 1)[1])),
+                                          want)
+        assert len(set(seeds)) == 3
         assert browser.find_element(By.ID, "error").text == ""
         # A request the server refuses shows the server's message on the page.
         guidance = browser.find_element(By.ID, "guidance")
@@ -350,8 +416,8 @@ def test_web_page_draws_images_in_a_real_browser(server):
         browser.quit()
 
 
-def test_serve_command_answers_and_stops_on_sigterm(pipeline_run):
-    openai = pytest.importorskip("openai")
+def test_serve_command_answers_and_stops_on_sigterm(pipeline_run, service):
+    openai = import_required_in_ci("openai", "the openai client is not installed (test extra)")
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dalle_jax.serve", f"--workdir={pipeline_run}",
@@ -366,10 +432,36 @@ def test_serve_command_answers_and_stops_on_sigterm(pipeline_run):
                 break
         assert lines and lines[-1].startswith(f"serving on http://127.0.0.1:{port}/"), lines
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-        answer = client.images.generate(prompt=PROMPT, n=1, size="256x256")
-        assert pixels_of(fetch(answer.data[0].url)).shape == (256, 256, 3)
+        answer = client.images.generate(prompt=PROMPT, n=1, size="256x256",
+                                        extra_body={"seed": 21})
+        np.testing.assert_array_equal(pixels_of(fetch(answer.data[0].url)),
+                                      expected(service, PROMPT, 1, 21, 256)[0])
+        # SIGTERM with requests in flight: they are answered, then the server stops.
+        url = f"http://127.0.0.1:{port}"
+        answers = [None] * 3
+
+        def ask(index):
+            answers[index] = post(url, {"prompt": PROMPT, "n": 4, "size": "32x32",
+                                        "seed": 30 + index, "response_format": "b64_json"})
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 30
+        while json.load(urllib.request.urlopen(f"{url}/health"))["waiting"] == 0:
+            assert time.time() < deadline, "the requests never queued"
+            time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=120)
+        for index, (status, body) in enumerate(answers):
+            assert status == 200, body
+            got = [pixels_of(base64.b64decode(item["b64_json"])) for item in body["data"]]
+            np.testing.assert_array_equal(np.stack(got),
+                                          np.stack(expected(service, PROMPT, 4, 30 + index, 32)))
         assert process.wait(timeout=60) == 0
+        with pytest.raises(urllib.error.URLError):  # nothing listens any more
+            post(url, {"prompt": PROMPT})
     finally:
         process.kill()
         process.wait()

@@ -17,17 +17,6 @@ from toy_task import ToyTask
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def toy_config(mini_config):
-    config = mini_config()
-    config.task.name = "toy"
-    config.data.batch_size = 16
-    config.train.update(dict(steps=8, log_every=4, eval_every=8, eval_batches=2, images_every=8,
-                             checkpoint_every=4, keep_checkpoints=5))
-    config.optimizer.update(dict(learning_rate=3e-2, warmup_steps=2, ema_decay=0.9))
-    return config
-
-
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 

@@ -6,13 +6,19 @@ Every process writes its own shards (Orbax) and its own iterator file (Grain's h
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
+from dalle_jax import files
 from dalle_jax.workdir import DATA, STATE, checkpoint_dir
+
+UNREADABLE = ".unreadable"  # a step moved aside because it does not read back
 
 
 class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
@@ -83,6 +89,55 @@ def save_state(workdir: str, step: int, state) -> None:
         mgr.wait_until_finished()
     finally:
         mgr.close()
+
+
+def check_space(workdir: str, abstract_state) -> None:
+    """Fails now, not at the first save an hour later, when the workdir's disk cannot hold one
+    checkpoint of the train state (all of it: on a shared file system every host writes its
+    part)."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    free = files.free_bytes(workdir)
+    if free is not None and free < needed:
+        raise files.NotWritable(
+            f"workdir {workdir!r} has {free / 2**20:.1f} MiB free; one checkpoint of this "
+            f"train state takes {needed / 2**20:.1f} MiB")
+
+
+def restore_newest_readable(mgr: ocp.CheckpointManager, abstract_state, batches):
+    """The train state of the newest step that reads back whole (see `restore`).
+
+    A step that does not (a truncated or missing file: a disk fault, a copy cut short, a
+    hand-edited workdir; an interrupted save never counts, Orbax publishes a step only when
+    it is complete) is moved aside to `<step>.unreadable`, with a one-line warning naming
+    it, and the step before it is tried. Every process must see the same files.
+    """
+    directory = str(mgr.directory)
+    for leftover in sorted(files.path(directory).glob("*.orbax-checkpoint-tmp*")):
+        logging.warning("%s: a save that was interrupted before it finished; ignored",
+                        leftover)
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            return restore(mgr, abstract_state, batches, step)
+        except Exception as e:  # noqa: BLE001 - whatever the reader raised, the step is bad
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e) \
+                else type(e).__name__
+            aside = _move_aside(mgr, step)
+            logging.warning("checkpoint step %d of %s does not read back (%s); moved to %s, "
+                            "resuming from the step before it", step, directory, reason, aside)
+    raise FileNotFoundError(f"no checkpoint in {directory} reads back (each was moved aside "
+                            f"as <step>{UNREADABLE})")
+
+
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> str:
+    """Renames step `step` out of Orbax's sight (process 0; the others wait)."""
+    source = files.join(str(mgr.directory), str(step))
+    target = f"{source}{UNREADABLE}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        files.path(source).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"move aside step {step}")
+    mgr.reload()
+    return target
 
 
 def restore(mgr: ocp.CheckpointManager, abstract_state, batches, step: int | None = None):

@@ -268,9 +268,10 @@ def train(config, workdir: str, task: Task, *, root: str | None = None,
     trainer = Trainer(config, workdir, task, root)
     tcfg = config.train
     batches = trainer.batches(config.data.train_split, training=True)
+    checkpoint.check_space(workdir, trainer.abstract_state)
     mgr = checkpoint.manager(workdir, keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every)
     if mgr.latest_step() is not None:
-        state = checkpoint.restore(mgr, trainer.abstract_state, batches)
+        state = checkpoint.restore_newest_readable(mgr, trainer.abstract_state, batches)
         logging.info("resumed from step %d of %s", int(state.step),
                      workdir_lib.checkpoint_dir(workdir))
     else:

@@ -64,7 +64,7 @@ def setup(config, workdir: str, root: str | None = None):
     if config.data.batch_size % ways:
         raise ValueError(f"config.data.batch_size={config.data.batch_size} does not divide "
                          f"over the {ways} batch shards of mesh {dict(mesh.shape)}")
-    files.make_dirs(workdir)
+    files.check_writable(workdir)
     workdir_lib.write_config(config, workdir, root)
     first_process_then_all("data", lambda: sources.prepared_builder(config.data),
                            lambda: sources.prepared_builder(config.data))
