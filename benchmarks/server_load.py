@@ -79,7 +79,16 @@ def start_server(workdir: str, args) -> tuple[subprocess.Popen, str]:
     else:
         raise SystemExit("the server did not start")
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-    return process, f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:  # "serving on" is printed just before the socket opens
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=10).close()
+            return process, url
+        except urllib.error.URLError:
+            if time.time() > deadline or process.poll() is not None:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.1)
 
 
 def resident_bytes(pid: int) -> int:
@@ -114,6 +123,8 @@ def raw_request(url: str, body: dict, timeout: float) -> tuple[int, int]:
     except urllib.error.HTTPError as error:
         answer = json.load(error)
         assert set(answer["error"]) >= {"message", "type", "param", "code"}, answer
+        if error.code != 429:
+            raise RuntimeError(f"{error.code}: {answer['error']['message']}") from None
         return error.code, 0
 
 

@@ -71,6 +71,29 @@ def test_scores_are_the_models_cosine_similarities(scorer):
     assert np.all(np.abs(expected) <= 1 + 1e-5)
 
 
+def test_scoring_from_many_threads_at_once_gives_each_its_own_scores(scorer):
+    """The server scores reranked requests on several threads at once."""
+    import threading
+
+    jobs = [(random_images(5, seed=seed), f"a {colour} circle")
+            for seed, colour in enumerate(["red", "blue", "green", "cyan", "red", "blue"])]
+    want = [scorer.score(images, caption) for images, caption in jobs]
+    got, start = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def score(index):
+        start.wait()
+        for _ in range(3):
+            got[index] = scorer.score(*jobs[index])
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mine, expected in zip(got, want):
+        np.testing.assert_array_equal(mine, expected)
+
+
 def test_other_sizes_are_resized_like_pil_does(scorer):
     big = random_images(2, size=40, seed=1)
     resized = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BICUBIC))

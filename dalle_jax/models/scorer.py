@@ -25,8 +25,10 @@ judges shapes and places whatever the colours. `ClipCommittee` lets several CLIP
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import jax
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -37,8 +39,16 @@ from dalle_jax.models import clip
 from dalle_jax.models.chunks import apply_in_chunks
 from dalle_jax.text.tokenizer import encode_texts
 
-_encode_images = nnx.jit(lambda model, images: model.encode_images(images))
-_encode_text = nnx.jit(lambda model, text: model.encode_text(text))
+# Pure functions of the model's (graph, state): nnx.jit would split and update the module on
+# every call, which races when several threads score at once (the server's request threads).
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_images(graphdef, state, images):
+    return nnx.merge(graphdef, state).encode_images(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef, state, text):
+    return nnx.merge(graphdef, state).encode_text(text)
 
 
 def as_uint8_images(images, size: int) -> np.ndarray:
@@ -70,6 +80,7 @@ class ClipScorer:
         """`grey_without` (a CLIP trained on grey views): score grey images against captions
         without these words; None scores images and captions as they are."""
         self.model, self.tokenizer, self.chunk = model, tokenizer, chunk
+        self._graphdef, self._state = nnx.split(model)
         self.image_size = model.cfg.image_size
         self.text_length = model.cfg.text_length
         self.grey_without = None if grey_without is None else tuple(grey_without)
@@ -100,14 +111,15 @@ class ClipScorer:
     def image_embeddings(self, images) -> np.ndarray:
         """float32 (N, E), L2-normalised."""
         images = self._images_as_trained(as_uint8_images(images, self.image_size))
-        return apply_in_chunks(_encode_images, self.model, images, self.chunk)
+        return apply_in_chunks(functools.partial(_encode_images, self._graphdef), self._state,
+                               images, self.chunk)
 
     def text_embeddings(self, captions: Sequence[str]) -> np.ndarray:
         """float32 (N, E), L2-normalised."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         if not captions:
             raise ValueError("no captions given")
-        return apply_in_chunks(_encode_text, self.model,
+        return apply_in_chunks(functools.partial(_encode_text, self._graphdef), self._state,
                                self.tokenize(self._captions_as_trained(captions)), self.chunk)
 
     def similarity(self, images, captions: Sequence[str]) -> np.ndarray:
