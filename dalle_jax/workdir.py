@@ -177,6 +177,7 @@ class Run:
         self.path = absolute(path)
         self.config = read_config(self.path)
         self.stage = self.config.task.name
+        self.loaded_step: int | None = None  # the step `load_model` read last
         if expect is not None and self.stage != expect:
             held = MODEL_NAMES.get(self.stage, repr(self.stage))
             raise ValueError(f"{path!r} holds a {held} run, not a {MODEL_NAMES[expect]}")
@@ -202,8 +203,8 @@ class Run:
         once, so they take that dtype's memory. Arrays land on the first device, or sharded
         over `mesh` by the logical-axis `rules` (default: the run's own), each device reading
         only its shards."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(ocp.utils.checkpoint_steps(checkpoint_dir(self.path)), reverse=True)
+        if step is None and not steps:
             raise FileNotFoundError(
                 f"no checkpoint in {checkpoint_dir(self.path)}: train this stage first "
                 f"(python train.py --config ... --workdir {self.path})")
@@ -215,10 +216,23 @@ class Run:
             params = cast_floating(params, param_dtype)
         source = "ema" if use_ema and self.config.optimizer.ema_decay > 0 else "params"
         target = {source: params, "rest": rest}
-        rules = rules or self.config.sharding.rules
-        restored = _restore_subtree(files.join(checkpoint_dir(self.path), str(step), STATE),
-                                    _with_shardings(target, mesh, rules))
-        logging.info("loaded the %s parameters of step %d from %s", source, step, self.path)
+        target = _with_shardings(target, mesh, rules or self.config.sharding.rules)
+        # The newest step that reads back, unless one is asked for by number.
+        for index, candidate in enumerate([step] if step is not None else steps):
+            try:
+                restored = _restore_subtree(
+                    files.join(checkpoint_dir(self.path), str(candidate), STATE), target)
+                break
+            except Exception as e:  # noqa: BLE001 - whatever the reader raised, say which step
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                if step is not None or index == len(steps) - 1:
+                    raise FileNotFoundError(f"checkpoint step {candidate} of {self.path} does "
+                                            f"not read back ({reason})") from None
+                logging.warning("checkpoint step %d of %s does not read back (%s); loading the "
+                                "step before it", candidate, self.path, reason)
+        logging.info("loaded the %s parameters of step %d from %s", source, candidate,
+                     self.path)
+        self.loaded_step = candidate
         return nnx.merge(graphdef, restored[source], restored["rest"])
 
 

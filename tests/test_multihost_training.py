@@ -4,9 +4,11 @@ Two local processes with 4 CPU devices each (jax.distributed over loopback, gloo
 run `train.py` with the batch and the FSDP axis spanning both; each reads only its half of
 every global batch. The reference is one process with 8 devices. A CLIP 16 wide runs
 in the default suite; the 8 px dVAE, and the tiny transformer, which also hands the pipeline's
-trained dVAE to every process, run with `-m slow`. Most of the time is three start-ups and
-compilations of a train step, the reference's concurrent with the two processes'.
+trained dVAE to every process, run with `-m slow`. The CLIP's takes about 40 s on 2 cores, most
+of it the compilations of the two processes and of the reference, which trains while they run;
+the continuation reuses the reference's compiled programs.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -118,6 +120,29 @@ def assert_trees_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
 
 
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+    """JAX's persistent compilation cache in `directory`, every program cached, for this block
+    only (the settings and the cache are restored after it)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    saved_dir = jax.config.jax_compilation_cache_dir
+    for name in names:
+        jax.config.update(name, 0)
+    compilation_cache.reset_cache()
+    compilation_cache.set_cache_dir(directory)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        jax.config.update("jax_compilation_cache_dir", saved_dir)
+        compilation_cache.reset_cache()
+
+
 def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_mesh(
         config, tmp_path):
     workdir = str(tmp_path / "two_processes")
@@ -125,27 +150,30 @@ def test_two_processes_train_like_one_and_their_checkpoint_continues_on_another_
     two.train.steps = 4  # Stops with a checkpoint at step 4.
     processes = start_two_processes(two, workdir, tmp_path)
     # The reference, trained here while the two processes run (both mostly compile, each on
-    # one core): every step's loss and the final state of one process with 8 devices.
-    reference_workdir = str(tmp_path / "one_process")
-    reference_state = jax.device_get(train_stage(config, reference_workdir))
-    reference_losses = losses(reference_workdir)
-    wait_for(processes)
-
-    two_losses = losses(workdir)
-    assert sorted(two_losses) == [1, 2, 3, 4]
-    np.testing.assert_allclose([two_losses[s] for s in range(1, 5)],
-                               [reference_losses[s] for s in range(1, 5)], rtol=1e-5)
-    steps = [int(s) for s in os.listdir(workdir_lib.checkpoint_dir(workdir)) if s.isdigit()]
-    assert steps == [4]
-    data_files = os.listdir(os.path.join(workdir_lib.checkpoint_dir(workdir), "4", "data"))
-    assert sorted(f for f in data_files if f.endswith(".json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
-
-    # One process, another mesh (data 2 × FSDP 2 × tensor 2): Orbax reshards the state and
-    # the data stream continues at global batch 5.
+    # one core): every step's loss and the final state of one process with 8 devices, on the
+    # mesh the continuation below uses (data 2 × FSDP 2 × tensor 2), so that the continuation
+    # finds its compiled programs in JAX's persistent cache instead of compiling them again.
     one = config.copy_and_resolve_references()
     one.mesh.shape = (2, 2, 2)
-    continued = train_stage(one, workdir)
+    with persistent_compilation_cache(str(tmp_path / "compiled")):
+        reference_workdir = str(tmp_path / "one_process")
+        reference_state = jax.device_get(train_stage(one, reference_workdir))
+        reference_losses = losses(reference_workdir)
+        wait_for(processes)
+
+        two_losses = losses(workdir)
+        assert sorted(two_losses) == [1, 2, 3, 4]
+        np.testing.assert_allclose([two_losses[s] for s in range(1, 5)],
+                                   [reference_losses[s] for s in range(1, 5)], rtol=1e-5)
+        steps = [int(s) for s in os.listdir(workdir_lib.checkpoint_dir(workdir)) if s.isdigit()]
+        assert steps == [4]
+        data_files = os.listdir(os.path.join(workdir_lib.checkpoint_dir(workdir), "4", "data"))
+        assert sorted(f for f in data_files if f.endswith(".json")) == [
+            "process_0-of-2.json", "process_1-of-2.json"]
+
+        # One process, another mesh: Orbax reshards the state and the data stream continues
+        # at global batch 5.
+        continued = train_stage(one, workdir)
     assert int(continued.step) == 6
     continued_losses = losses(workdir)
     np.testing.assert_allclose([continued_losses[s] for s in (5, 6)],

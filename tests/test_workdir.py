@@ -123,6 +123,36 @@ def test_loading_onto_a_mesh_shards_each_parameter_by_its_logical_axes(dalle_run
     assert any("tensor" in spec for spec in specs) and any("fsdp" in spec for spec in specs)
 
 
+def test_loading_skips_an_unreadable_newest_step_and_says_which_it_used(dalle_run, tmp_path,
+                                                                         caplog):
+    import logging
+
+    copy = str(tmp_path / "dalle")
+    shutil.copytree(dalle_run, copy)
+    steps = sorted(ocp.utils.checkpoint_steps(workdir_lib.checkpoint_dir(copy)))
+    assert len(steps) >= 2, steps
+    newest = os.path.join(workdir_lib.checkpoint_dir(copy), str(steps[-1]), workdir_lib.STATE)
+    for directory, _, names in os.walk(newest):  # every file cut in half
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    run = workdir_lib.Run(copy)
+    with caplog.at_level(logging.WARNING):
+        model = run.load_model(dalle.from_config)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(f"checkpoint step {steps[-1]} of {copy} does not read back" in m
+               for m in warnings), warnings
+    assert run.loaded_step == steps[-2]
+    older = workdir_lib.Run(dalle_run).load_model(dalle.from_config, step=steps[-2])
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(older)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match=f"checkpoint step {steps[-1]} of .* does not "
+                                                "read back"):
+        run.load_model(dalle.from_config, step=steps[-1])  # asked for by number: no fallback
+
+
 def test_a_dvae_loads_in_the_dtype_asked_for(dvae_run):
     model = workdir_lib.Run(dvae_run).load_model(dvae.from_config, dtype="bfloat16")
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
