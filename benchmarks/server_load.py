@@ -12,10 +12,11 @@ requests meet a full queue.
 Pass/fail: every request is answered, with 200 or with 429 in OpenAI's error shape, within
 `--timeout` seconds; a 200 carries as many images as asked; the server's resident memory after
 the last round is within `--memory_growth` of the first round's. Figures: requests/s, images/s
-and the p50/p99 latency of answered requests, and the server's images/s over the generator's
-own images/s drawing batches of the same size in this process, measured in the same run (the
-server's overhead as a ratio; both share the machine's cores, so the ratio is measured with
-one side idle at a time).
+and the p50/p99 latency of answered requests, and the server's images/s over two references
+measured in the same run, before the server starts: the image service drawing the first
+round's requests one after another in this process (no HTTP, no concurrency: the server's
+overhead, or its gain from batching requests together, as a ratio), and the generator alone
+drawing full batches of one prompt (the ceiling).
 """
 import argparse
 import base64
@@ -155,7 +156,7 @@ def run_round(url: str, args, round_index: int, reranking: bool) -> list[dict]:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
                                timeout=args.timeout) if index % 2 else None
         for _ in range(args.requests):
-            body = settings(rng, reranking)
+            body = settings(rng, reranking)  # as request_bodies() makes them
             start = time.perf_counter()
             try:
                 status, images = (openai_request(client, body) if client else
@@ -175,16 +176,39 @@ def run_round(url: str, args, round_index: int, reranking: bool) -> list[dict]:
     return results
 
 
-def generator_images_per_second(workdir: str, batch_size: int) -> float:
-    """The generator alone, in this process: batches of `batch_size` 32 px images."""
-    from dalle_jax.sampling.generator import Generator
+def request_bodies(args, round_index: int, reranking: bool) -> list[dict]:
+    """The bodies the clients of one round send, in no particular order."""
+    bodies = []
+    for index in range(args.clients):
+        rng = random.Random(round_index * 1000 + index)
+        bodies += [settings(rng, reranking) for _ in range(args.requests)]
+    return bodies
 
-    generate = Generator.from_workdir(workdir, batch_size=batch_size)
-    generate(PROMPTS[0], batch_size, 0)  # compiles
-    start, drawn = time.perf_counter(), 0
-    for seed in range(1, 6):
-        drawn += len(generate(PROMPTS[seed % len(PROMPTS)], batch_size, seed))
-    return drawn / (time.perf_counter() - start)
+
+def direct_images_per_second(workdir: str, args, reranking: bool) -> tuple[float, float]:
+    """The reference, in this process without HTTP: (the generator alone drawing batches of
+    `batch_size` 32 px images of one prompt, the image service drawing the first round's
+    requests one after another)."""
+    from dalle_jax.serving.images import ImageRequest, ImageService
+
+    service = ImageService.from_workdir(workdir, batch_size=args.batch_size)
+    try:
+        generate = service.generator
+        generate(PROMPTS[0], args.batch_size, 0)  # compiles
+        start, drawn = time.perf_counter(), 0
+        for seed in range(1, 6):
+            drawn += len(generate(PROMPTS[seed % len(PROMPTS)], args.batch_size, seed))
+        alone = drawn / (time.perf_counter() - start)
+        bodies = request_bodies(args, 0, reranking)
+        for guidance in (1.0, 2.0):  # compiles the plain and the guided program
+            service.generate(ImageRequest(prompt=PROMPTS[0], size="32x32", seed=0,
+                                          guidance=guidance))
+        start, drawn = time.perf_counter(), 0
+        for body in bodies:
+            drawn += len(service.generate(ImageRequest(**{k: v for k, v in body.items()})))
+        return alone, drawn / (time.perf_counter() - start)
+    finally:
+        service.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,14 +221,16 @@ def main():
     scratch = tempfile.mkdtemp(prefix="server_load-")
     try:
         workdir = args.workdir or tiny_pipeline(scratch)
-        reference = generator_images_per_second(workdir, args.batch_size)
+        reranking = os.path.isdir(os.path.join(workdir, "clip"))
+        alone, direct = direct_images_per_second(workdir, args, reranking)
         process, url = start_server(workdir, args)
         try:
             health = json.load(urllib.request.urlopen(f"{url}/health"))
+            assert bool(health.get("rerank")) == reranking, health
             rounds, memory = [], []
             for index in range(args.rounds):
                 start = time.perf_counter()
-                results = run_round(url, args, index, bool(health.get("rerank")))
+                results = run_round(url, args, index, reranking)
                 rounds.append((results, time.perf_counter() - start))
                 memory.append(resident_bytes(process.pid))
         finally:
@@ -226,8 +252,10 @@ def main():
           f"{len(answered)} answered (200), {refused} refused (429), {len(failures)} failed")
     print(f"requests/s {len(answered) / seconds:.2f}, images/s {images / seconds:.2f}, "
           f"latency p50 {percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s")
-    print(f"generator alone: {reference:.2f} images/s (batches of {args.batch_size}, 32 px); "
-          f"server over generator: {images / seconds / reference:.2f}")
+    print(f"the same requests through the image service in this process, one after another: "
+          f"{direct:.2f} images/s; server over that: {images / seconds / direct:.2f}")
+    print(f"generator alone: {alone:.2f} images/s (batches of {args.batch_size}, 32 px, one "
+          f"prompt); server over that: {images / seconds / alone:.2f}")
     print("server resident memory after each round (MiB): "
           + ", ".join(f"{m / 2**20:.0f}" for m in memory) + f" (growth {growth:+.1%})")
     print("command: python benchmarks/server_load.py " + " ".join(sys.argv[1:]))
