@@ -7,18 +7,16 @@ here, and the helpers below cover both:
 - an object is written whole when its writer closes, and cannot be appended to or renamed
   cheaply: a remote file is written in one piece (which is atomic), a local one to a temporary
   name and then renamed over the target (which is atomic there);
-- libraries that only write local files (TensorBoard's summary writer, the profiler,
-  SentencePiece's trainer) write to a local directory that is copied into the workdir.
+- libraries that only write local files (TensorBoard's summary writer, the profiler) write to
+  a local directory that is copied into the workdir (`LocalMirror`).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import posixpath
 import shutil
 import tempfile
-from typing import Iterator
 
 import numpy as np
 from etils import epath
@@ -169,13 +167,3 @@ class LocalMirror:
         if self.remote:
             self.sync()
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def local_mirror(target: PathLike) -> Iterator[str]:
-    """`with local_mirror(dir) as local:` write into `local`; it is in `dir` on exit."""
-    mirror = LocalMirror(target)
-    try:
-        yield mirror.path
-    finally:
-        mirror.close()

@@ -1,4 +1,4 @@
-"""A workdir, local or in a bucket: the one place that knows its files, what it holds and how to read it back.
+"""A workdir, local or in a bucket: the one place that knows its files and how to read them.
 
 A **run** workdir is what training one stage leaves (`python train.py --config ...`):
 
@@ -224,7 +224,7 @@ class Run:
                     files.join(checkpoint_dir(self.path), str(candidate), STATE), target)
                 break
             except Exception as e:  # noqa: BLE001 - whatever the reader raised, say which step
-                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                reason = read_error(e)
                 if step is not None or index == len(steps) - 1:
                     raise FileNotFoundError(f"checkpoint step {candidate} of {self.path} does "
                                             f"not read back ({reason})") from None
@@ -234,6 +234,12 @@ class Run:
                      self.path)
         self.loaded_step = candidate
         return nnx.merge(graphdef, restored[source], restored["rest"])
+
+
+def read_error(error: Exception) -> str:
+    """One line about why a checkpoint did not read back (readers raise pages of detail)."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def cast_floating(abstract, dtype):

@@ -16,7 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from dalle_jax import files
-from dalle_jax.workdir import DATA, STATE, checkpoint_dir
+from dalle_jax.workdir import DATA, STATE, checkpoint_dir, read_error
 
 UNREADABLE = ".unreadable"  # a step moved aside because it does not read back
 
@@ -119,8 +119,7 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, abstract_state, batches)
         try:
             return restore(mgr, abstract_state, batches, step)
         except Exception as e:  # noqa: BLE001 - whatever the reader raised, the step is bad
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e) \
-                else type(e).__name__
+            reason = read_error(e)
             aside = _move_aside(mgr, step)
             logging.warning("checkpoint step %d of %s does not read back (%s); moved to %s, "
                             "resuming from the step before it", step, directory, reason, aside)
