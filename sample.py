@@ -67,20 +67,20 @@ def read_prompts() -> list[str]:
 
 
 def read_image():
+    """--image as uint8 RGB, read as training reads a folder's images (EXIF orientation,
+    transparency on white, grey, palette and CMYK images to RGB)."""
     if not FLAGS.image:
         return None
-    import io
-
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+
+    from dalle_jax.data.caption_folder import load_image
 
     if not files.is_file(FLAGS.image):
         raise ValueError(f"--image {FLAGS.image!r} does not exist")
-    try:
-        with Image.open(io.BytesIO(files.read_bytes(FLAGS.image))) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--image {FLAGS.image!r} is not a readable image ({e})") from None
+    image, reason = load_image(FLAGS.image, max_side=0)
+    if image is None:
+        raise ValueError(f"--image {FLAGS.image!r} is not a readable image ({reason})")
+    return np.asarray(image)
 
 
 def write_outputs(prompts, images, out: str, reranked=None) -> None:

@@ -46,8 +46,9 @@ def run_sample(*args):
 
 def test_sample_cli_writes_images_grids_and_a_record(trained, tmp_path):
     config, workdir, _ = trained
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(photo)  # wrong size: resized
+    photo = tmp_path / "photo.png"  # wrong size (resized) and half transparent (on white)
+    rgba = np.dstack([np.full((50, 40, 3), 120, np.uint8), np.full((50, 40), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(photo)
     out = tmp_path / "out"
     result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--prompt",
                         "a blue square above a green triangle", "--n", "3", "--out", str(out),
@@ -60,9 +61,11 @@ def test_sample_cli_writes_images_grids_and_a_record(trained, tmp_path):
         record = json.load(f)
     assert record["prompts"][1] == "a blue square above a green triangle"
     assert record["settings"]["keep_rows"] == 2 and len(record["images"]) == 6
-    # The same images as the Python API draws for the completed photo (seed 0, image index i).
+    # The same images as the Python API draws for the completed photo (seed 0, image index i),
+    # read as training reads images: transparency composited on white.
+    on_white = np.rint(120 * 128 / 255 + 255 * (1 - 128 / 255)).astype(np.uint8)
     generate = Generator.from_workdir(workdir, batch_size=4)
-    want = to_pixels(generate(record["prompts"], 3, 0, image=np.full((50, 40, 3), 200, np.uint8),
+    want = to_pixels(generate(record["prompts"], 3, 0, image=np.full((50, 40, 3), on_white),
                               keep_rows=2, temperature=0.8))
     for index, image in enumerate(want):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{index // 3:03d}_"
@@ -70,6 +73,12 @@ def test_sample_cli_writes_images_grids_and_a_record(trained, tmp_path):
 
     result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--n", "0")
     assert result.returncode != 0 and "--n=0" in result.stderr
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_sample("--workdir", workdir, "--prompt", "a red circle", "--image", str(corrupt))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith(f"sample.py: --image {str(corrupt)!r} is "
+                                                      "not a readable image"), last
 
 
 def test_generator_refuses_a_dvae_workdir(trained):
