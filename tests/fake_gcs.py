@@ -128,6 +128,8 @@ class ObjectStoreFileSystem(fsspec.AbstractFileSystem):
     def cp_file(self, path1, path2, **kwargs):
         data = self.store.get(self._strip_protocol(path1))
         if data is None:
+            if self._is_dir(self._strip_protocol(path1)):
+                return  # a prefix: its objects are copied one by one
             raise FileNotFoundError(path1)
         self.store.put(self._strip_protocol(path2), data[0])
 
@@ -233,7 +235,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if byte_range := re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "")):
             start, end = byte_range.groups()
             start = int(start) if start else max(len(data) - int(end), 0)
-            end = int(end) if byte_range.group(1) and end else len(data) - 1
+            end = min(int(end), len(data) - 1) if byte_range.group(1) and end else len(data) - 1
+            if start >= len(data):  # as GCS answers a range past the object's end
+                return self._json(416, {"error": "requested range not satisfiable"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             return self._reply(206, data[start:end + 1], headers)
         self._reply(200, data, headers)

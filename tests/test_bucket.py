@@ -108,6 +108,40 @@ def test_the_pipeline_trains_resumes_and_samples_in_a_bucket(mini_config, tmp_pa
     np.testing.assert_array_equal(drawn_from_bucket, from_local(["a red circle"], 2, seed=3))
 
 
+def test_an_unreadable_step_in_a_bucket_is_moved_aside_and_the_one_before_resumes(
+        toy_config, tmp_path, caplog):
+    """Moving a step aside renames a directory, which an object store does object by object."""
+    import logging
+
+    from dalle_jax import workdir as workdir_lib
+    from dalle_jax.training import loop
+    from test_faults import assert_same_final_state
+    from toy_task import ToyTask
+
+    toy_config.optimizer.schedule = "constant"  # stopping at 8 and going on to 12 = 12 at once
+    run = f"{BUCKET_RUN}/toy"
+    with fake_gcs() as store:
+        loop.train(toy_config, run, task=ToyTask())
+        state_objects = sorted(n for n in store.objects
+                               if n.startswith("bucket/run/toy/checkpoints/8/state/"))
+        largest = max(state_objects, key=lambda n: len(store.objects[n][0]))
+        cut = store.objects[largest][0][:len(store.objects[largest][0]) // 2]
+        store.put(largest, cut)
+        toy_config.train.steps = 12
+        with caplog.at_level(logging.WARNING):
+            resumed = loop.train(toy_config, run, task=ToyTask())
+        moved = {n.split("/")[4]: n for n in store.objects
+                 if n.startswith("bucket/run/toy/checkpoints/8.unreadable-")}
+        moved_step = largest.replace("/8/", f"/{next(iter(moved))}/")
+        assert store.objects[moved_step][0] == cut  # the damaged step, object by object
+        assert workdir_lib.latest_step(run) == 12
+    assert any("checkpoint step 8 of gs://bucket/run/toy/checkpoints does not read back" in
+               r.getMessage() for r in caplog.records)
+    assert len(moved) == 1
+    straight = loop.train(toy_config, str(tmp_path / "straight"), task=ToyTask())
+    assert_same_final_state(resumed, straight)
+
+
 # --- the code itself ------------------------------------------------------------------------
 
 # Calls that touch the local file system (or treat a URL as a local path) when given a path.

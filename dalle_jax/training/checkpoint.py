@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -109,7 +110,9 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, abstract_state, batches)
     A step that does not (a truncated or missing file: a disk fault, a copy cut short, a
     hand-edited workdir; an interrupted save never counts, Orbax publishes a step only when
     it is complete) is moved aside to `<step>.unreadable`, with a one-line warning naming
-    it, and the step before it is tried. Every process must see the same files.
+    it, and the step before it is tried. The processes agree on the outcome, as each reads
+    only its own shards (untested with several processes: one failing inside Orbax's restore
+    while the others wait at its barriers would still hang).
     """
     directory = str(mgr.directory)
     for leftover in sorted(files.path(directory).glob("*.orbax-checkpoint-tmp*")):
@@ -117,14 +120,24 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, abstract_state, batches)
                         leftover)
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
-            return restore(mgr, abstract_state, batches, step)
+            state, reason = restore(mgr, abstract_state, batches, step), None
         except Exception as e:  # noqa: BLE001 - whatever the reader raised, the step is bad
-            reason = read_error(e)
-            aside = _move_aside(mgr, step)
-            logging.warning("checkpoint step %d of %s does not read back (%s); moved to %s, "
-                            "resuming from the step before it", step, directory, reason, aside)
+            state, reason = None, read_error(e)
+        if _everywhere(reason is None):
+            return state
+        aside = _move_aside(mgr, step)
+        logging.warning("checkpoint step %d of %s does not read back (%s); moved to %s, "
+                        "resuming from the step before it", step, directory,
+                        reason or "on another process", aside)
     raise FileNotFoundError(f"no checkpoint in {directory} reads back (each was moved aside "
                             f"as <step>{UNREADABLE})")
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each reads its own shards, so one may fail alone)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _move_aside(mgr: ocp.CheckpointManager, step: int) -> str:
