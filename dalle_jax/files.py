@@ -16,6 +16,7 @@ import io
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -64,7 +65,8 @@ class NotWritable(OSError):
 def check_writable(directory: PathLike) -> None:
     """Makes `directory` (and its parents) and writes, then removes, a small file in it, so a
     read-only or misplaced workdir fails before any work rather than at the first save."""
-    probe = join(directory, f".write-test-{os.getpid()}")
+    # Named per host and process: a pod's hosts probe the same bucket at once.
+    probe = join(directory, f".write-test-{socket.gethostname()}-{os.getpid()}")
     try:
         make_dirs(directory)
         write_text(probe, "ok")
