@@ -15,6 +15,8 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from dalle_jax import host
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -54,7 +56,11 @@ def fail(error: Exception) -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run(main)` with the project's log settings applied first."""
+    """`absl.app.run(main)` with the project's log settings applied first, in a process whose
+    malloc uses huge pages for large blocks (`host.use_huge_pages`: the command may start
+    again once, before anything else happens)."""
+    host.use_huge_pages()
+
     def with_logging(argv):
         show_own_progress()
         return main(argv)

@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.contrast_words = ()
     c.data.contrast_count = 1
     c.data.contrast_excluded = ()  # phrases no hard negative may contain
+    # synthetic_shapes: the first N examples of every global batch also bring the same view
+    # with some named objects taken out (data/synthetic_shapes.py, `removals`), which CLIP
+    # must score below the true one (0 = none).
+    c.data.missing_object_negatives = 0
     c.data.workers = 0  # Grain worker processes per host (0 = in the main process)
     c.data.read_threads = 8
     c.data.prefetch = 2  # global batches assembled ahead of the step
@@ -220,6 +224,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                f"config.data.contrast_words group {group!r} must hold at least two words")
     _check(data.get("contrast_count", 1) >= 1,
            f"config.data.contrast_count={data.get('contrast_count', 1)} must be >= 1")
+    negatives = data.get("missing_object_negatives", 0)
+    _check(isinstance(negatives, int) and 0 <= negatives <= data.batch_size,
+           f"config.data.missing_object_negatives={negatives!r} must be a number of examples "
+           f"between 0 and config.data.batch_size={data.batch_size}")
+    _check(not negatives or data.name == "synthetic_shapes",
+           f"config.data.missing_object_negatives needs a data set with an `objects` feature "
+           f"(synthetic_shapes), not config.data.name={data.name!r}")
     _check(data.read_threads > 0, f"config.data.read_threads={data.read_threads} must be positive")
     _check(text.length >= 2, f"config.text.length={text.length} cannot hold begin and end tokens")
     _check(text.vocab_size >= 8, f"config.text.vocab_size={text.vocab_size} must be at least 8")

@@ -7,7 +7,8 @@ For the distinct captions of the `validation` split and of `heldout` (colour-sha
 models never saw), images are drawn and judged from pixels (`evaluation/captions.py`): plain
 sampling and classifier-free guidance at a few scales, each also reranked (best of N by
 CLIP). Beside them: the dVAE's reconstruction PSNR and objects kept, CLIP's recall and
-zero-shot accuracy.
+zero-shot accuracy, and how often the CLIPs score a scene with a named object missing at least as
+high as the true scene (`evaluation/missing_objects.py`).
 Writes `evaluation/report.md`, `report.json` and one image grid per split and setting
 (rows: captions, columns: images) into the workdir, and prints the report.
 """
@@ -25,6 +26,7 @@ from dalle_jax import cli, files as files_lib
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.data.examples import load_examples
 from dalle_jax.evaluation import captions as captions_lib
+from dalle_jax.evaluation.missing_objects import missing_object_rates
 from dalle_jax.evaluation.reconstruction import reconstruction_report
 from dalle_jax.evaluation.retrieval import retrieval_report
 from dalle_jax.sampling.generator import Generator, Settings
@@ -44,7 +46,7 @@ class Options:
     top_p: float = 1.0
     batch_size: int = 128  # images per compiled call
     seed: int = 0
-    reference_examples: int = 500  # validation examples for the dVAE and CLIP figures
+    reference_examples: int = 500  # examples for the dVAE and CLIP figures (per split)
 
     def check(self) -> None:
         """A one-line ValueError for the first bad value, before any model is loaded."""
@@ -76,7 +78,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", defaults.batch_size, "Images per compiled call.")
     flags.DEFINE_integer("seed", defaults.seed, "Seed of the first setting's draws.")
     flags.DEFINE_integer("reference_examples", defaults.reference_examples,
-                         "Validation examples for the dVAE and CLIP figures.")
+                         "Examples for the dVAE and CLIP figures (the missing-object check "
+                         "takes as many of each split).")
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -147,6 +150,19 @@ def markdown(report: dict) -> str:
                   f"{percent(zero.get('shape_accuracy'))}, position "
                   f"{percent(zero.get('position_accuracy'))}; relation (true caption over the "
                   f"reversed one) {percent(zero.get('relation_accuracy'))}", ""]
+    missing = report.get("missing_objects")
+    if missing:
+        lines += ["## CLIP and missing objects", "",
+                  "How often a judge scores the scene with a named object removed, or the empty "
+                  "scene, at least as high as the true scene for its caption (lower is better):",
+                  "", "| split | judge | one removed | empty | all variants |",
+                  "|---|---|---|---|---|"]
+        for split, judges in missing.items():
+            for name, rates in judges.items():
+                lines.append(f"| `{split}` | {name} | {percent(rates.get('one_removed'))} | "
+                             f"{percent(rates.get('empty'))} | {percent(rates['all'])} of "
+                             f"{rates['variants']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -180,6 +196,12 @@ def evaluate(workdir: str, options: Options = Options()) -> dict:
     report["dvae"] = {k: v for k, v in dvae.items() if k != "failures"}
     if generate.scorer is not None:
         report["clip"] = retrieval_report(generate.scorer, reference)
+        if reference.objects is not None:
+            report["missing_objects"] = {
+                split: missing_object_rates(generate.scorer, examples.images, examples.captions,
+                                            examples.objects)
+                for split in SPLITS
+                for examples in [load_examples(config, split, options.reference_examples)]}
     files_lib.write_text(files_lib.join(out, "report.json"),
                          json.dumps(report, indent=1, default=float))
     text = markdown(report)

@@ -150,6 +150,7 @@ def test_a_caption_with_fewer_edits_than_k_masks_the_empty_slots(clip_data, mini
     data = clip_data.copy_and_resolve_references()
     data.contrast_words = (("red", "green"),)  # "a red circle" has one edit: "a green circle"
     data.contrast_count = 3
+    data.missing_object_negatives = 0  # the record is a bare image and caption
     record = {"image": np.zeros((32, 32, 3), np.uint8), "caption": "a red circle"}
     example = prepared(data, mini_tokenizer, record)
     assert example["negative_mask"].tolist() == [True, False, False]
@@ -160,4 +161,86 @@ def test_contrast_count_below_one_is_a_config_error():
     config = config_lib.load("clip_mini")
     config.data.contrast_count = 0
     with pytest.raises(ValueError, match="contrast_count=0"):
+        config_lib.validate(config)
+
+
+# --- negative images: the scene with named objects taken out ----------------------------
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_loss_with_negative_images_matches_a_direct_computation(k):
+    rng = np.random.default_rng(4)
+    n, scale = 6, 8.0
+    images, texts = unit_rows(rng, n, 8), unit_rows(rng, n, 8)
+    negative_images = unit_rows(rng, k, 8)  # the first k examples' scenes, objects removed
+    mask = np.array([True] * 5 + [False])  # example 5 is padding
+    loss, metrics = clip_task.contrastive_loss(images, texts, scale, mask,
+                                               negative_image_embeddings=negative_images)
+    real = np.flatnonzero(mask)
+    i2t, t2i = [], []
+    for i in real:
+        row = scale * texts[real] @ images[i]  # image->text: no negative images
+        i2t.append(np.log(np.sum(np.exp(row))) - scale * texts[i] @ images[i])
+        column = scale * images[real] @ texts[i]
+        if i < k:
+            column = np.append(column, scale * negative_images[i] @ texts[i])
+        t2i.append(np.log(np.sum(np.exp(column))) - scale * texts[i] @ images[i])
+    assert float(loss) == pytest.approx(0.5 * (np.mean(i2t) + np.mean(t2i)), rel=1e-5)
+    wins = [texts[i] @ images[i] > texts[i] @ negative_images[i] for i in real if i < k]
+    assert float(metrics["missing_object_accuracy"]) == pytest.approx(np.mean(wins))
+
+
+def test_examples_carry_their_view_with_named_objects_taken_out(clip_data, mini_tokenizer):
+    data = clip_data.copy_and_resolve_references()
+    data.missing_object_negatives = 4
+    data.augment.update(min_scale=1.0, max_scale=1.0)  # the view is the stored image
+    removed_counts = collections.Counter()
+    for index in range(30):
+        record = synthetic_shapes.generate_example(0, "train", index, 32)
+        example = prepared(data, mini_tokenizer, record, seed=index)
+        np.testing.assert_array_equal(example["image"], record["image"])
+        scene = synthetic_shapes.as_object_list(record["objects"])
+        candidates = [synthetic_shapes.without_objects(record["image"], scene, removed)
+                      for removed in synthetic_shapes.removals(scene)]
+        same = [np.array_equal(example["negative_image"], c) for c in candidates]
+        assert sum(same) == 1, index
+        removed_counts[(len(scene), same.index(True))] += 1
+        assert not judge.matches(example["negative_image"], record["caption"])
+    assert {key for key in removed_counts if key[0] == 2} == {(2, 0), (2, 1), (2, 2)}
+
+
+def test_negative_images_get_the_same_flip_and_grey_as_the_image(clip_data, mini_tokenizer):
+    from dalle_jax.data import augment
+
+    data = clip_data.copy_and_resolve_references()
+    data.missing_object_negatives = 4
+    data.augment.update(min_scale=1.0, max_scale=1.0, flip=True, greyscale=0.5,
+                        colour_words=tuple(synthetic_shapes.COLOURS))
+    views = {(mirror, grey): (lambda im, mirror=mirror, grey=grey:
+                              (augment.greyscale(im) if grey else im)[:, ::-1 if mirror else 1])
+             for mirror in (False, True) for grey in (False, True)}
+    seen = set()
+    for index in range(40):
+        record = synthetic_shapes.generate_example(0, "train", index, 32)
+        example = prepared(data, mini_tokenizer, record, seed=index)
+        # Which view the image got, read off the image itself.
+        (kind,) = [k for k, view in views.items()
+                   if np.array_equal(view(record["image"]), example["image"])]
+        seen.add(kind)
+        scene = synthetic_shapes.as_object_list(record["objects"])
+        candidates = [views[kind](synthetic_shapes.without_objects(record["image"], scene, r))
+                      for r in synthetic_shapes.removals(scene)]
+        assert any(np.array_equal(example["negative_image"], c) for c in candidates), index
+    assert len(seen) == 4  # every combination of flip and grey occurred
+
+
+def test_missing_object_negatives_need_synthetic_shapes_and_fit_the_batch():
+    config = config_lib.load("clip_mini")
+    config.data.missing_object_negatives = 64
+    config_lib.validate(config)
+    config.data.missing_object_negatives = 65
+    with pytest.raises(ValueError, match="missing_object_negatives=65 must be a number"):
+        config_lib.validate(config)
+    config.data.missing_object_negatives = 8
+    config.data.name = "caption_folder"
+    with pytest.raises(ValueError, match="missing_object_negatives needs a data set"):
         config_lib.validate(config)

@@ -253,8 +253,15 @@ def test_evaluate_reports_every_setting_and_stage(pipeline_run, capsys):
             assert os.path.isfile(os.path.join(pipeline_run, "evaluation", file))
     assert report["dvae"]["examples"] == 40 and "objects_kept" in report["dvae"]
     assert 0.0 <= report["clip"]["text_to_image_recall_at_1"] <= 1.0
+    # The missing-object check: 40 scenes of each split, judged by both CLIPs and together.
+    for split in ("validation", "heldout"):
+        judges = report["missing_objects"][split]
+        assert set(judges) == {"committee", "clip 0", "clip 1"}
+        assert all(40 <= rates["variants"] <= 120 and 0.0 <= rates["all"] <= 1.0
+                   for rates in judges.values())
     with open(os.path.join(pipeline_run, "evaluation", "report.md")) as f:
         text = f.read()
+    assert "## CLIP and missing objects" in text and "| `heldout` | committee |" in text
     assert "## `heldout`: 3 captions" in text and "PSNR" in text and "any draw matches" in text
     assert "| guidance 2 | " in text.split("Best of n by CLIP")[1]
     printed = capsys.readouterr().out

@@ -386,3 +386,52 @@ def test_bad_config_direct_construction_raises():
         ss.SyntheticShapesConfig(name="x", image_size=100)
     with pytest.raises(ValueError, match="split"):
         ss.generate_example(0, "test", 0, 32)
+
+
+class _Recording:
+    """A numpy Generator stand-in that records every draw `render` makes, or replays a list."""
+
+    def __init__(self, rng=None, replay=None):
+        self.rng, self.replay, self.draws = rng, replay, []
+
+    def _next(self, name, *args, **kwargs):
+        if self.replay is not None:
+            return self.replay.pop(0)
+        value = getattr(self.rng, name)(*args, **kwargs)
+        self.draws.append(value)
+        return value
+
+    def integers(self, *args, **kwargs):
+        return self._next("integers", *args, **kwargs)
+
+    def uniform(self, *args, **kwargs):
+        return self._next("uniform", *args, **kwargs)
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_without_objects_is_the_scene_rendered_without_them(image_size):
+    """The reference renders the smaller scene with the kept objects' own draws (size,
+    place, colour jitter), replayed from rendering the whole scene."""
+    checked = 0
+    for index in range(60):
+        rng = np.random.default_rng([7, index])
+        scene = ss.sample_scene(rng, "train")
+        recording = _Recording(rng)
+        image = ss.render(scene, image_size, recording)
+        background, per_object = recording.draws[0], recording.draws[1:]
+        assert len(per_object) == 3 * len(scene)  # side, (x, y) jitter, colour jitter
+        for removed in ss.removals(scene):
+            kept = [o for o in scene if o not in removed]
+            replay = [background] + [draw for i, o in enumerate(scene) if o in kept
+                                     for draw in per_object[3 * i:3 * i + 3]]
+            expected = ss.render(kept, image_size, _Recording(replay=replay))
+            np.testing.assert_array_equal(ss.without_objects(image, scene, removed), expected)
+            checked += 1
+    assert checked > 80
+
+
+def test_removals_take_out_each_object_and_then_all():
+    one = [{"shape": "circle", "colour": "red", "row": 0, "col": 1}]
+    two = one + [{"shape": "square", "colour": "blue", "row": 1, "col": 1}]
+    assert ss.removals(one) == [one]
+    assert ss.removals(two) == [[two[0]], [two[1]], two]

@@ -12,14 +12,19 @@ from PIL import Image
 SQUARE_CROPS = ("random", "center")
 
 
-def square_crop(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """The largest square of `image`, at a random offset when `rng` is given, else centred."""
-    h, w = image.shape[:2]
+def square_window(shape, rng: np.random.Generator | None) -> tuple[int, int, int]:
+    """(top, left, side) of the largest square of an image of `shape`, at a random offset
+    when `rng` is given, else centred."""
+    h, w = shape[:2]
     side = min(h, w)
     if rng is None:
-        y0, x0 = (h - side) // 2, (w - side) // 2
-    else:
-        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        return (h - side) // 2, (w - side) // 2, side
+    return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side
+
+
+def square_crop(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """The largest square of `image`, at a random offset when `rng` is given, else centred."""
+    y0, x0, side = square_window(image.shape, rng)
     return image[y0 : y0 + side, x0 : x0 + side]
 
 
@@ -33,17 +38,27 @@ def resize(image: np.ndarray, side: int) -> np.ndarray:
 def augment(image: np.ndarray, size: int, rng: np.random.Generator, *, square: str,
             min_scale: float, max_scale: float, flip: bool) -> np.ndarray:
     """One random training view of `image` (uint8 HxWx3) as a `size`x`size` uint8 array."""
-    crop = square_crop(image, rng if square == "random" else None)
+    return augment_alike([image], size, rng, square=square, min_scale=min_scale,
+                         max_scale=max_scale, flip=flip)[0]
+
+
+def augment_alike(images, size: int, rng: np.random.Generator, *, square: str,
+                  min_scale: float, max_scale: float, flip: bool) -> list[np.ndarray]:
+    """The same random view (one crop, side and flip) of each of `images`, which share a shape:
+    e.g. a picture and its copy with an object removed."""
+    top, left, crop = square_window(images[0].shape, rng if square == "random" else None)
     # The intermediate side never exceeds the crop (no upsampling for the sake of cropping),
     # but is at least `size` so the final crop always fits.
     side = int(round(rng.uniform(min_scale, max_scale) * size))
-    side = max(size, min(side, crop.shape[0]))
-    resized = resize(crop, side)
+    side = max(size, min(side, crop))
     y0, x0 = (int(v) for v in rng.integers(0, side - size + 1, size=2))
-    view = resized[y0 : y0 + size, x0 : x0 + size]
-    if flip and rng.random() < 0.5:
-        view = view[:, ::-1]
-    return np.ascontiguousarray(view)
+    mirror = flip and rng.random() < 0.5
+    views = []
+    for image in images:
+        view = resize(image[top : top + crop, left : left + crop], side)[y0 : y0 + size,
+                                                                         x0 : x0 + size]
+        views.append(np.ascontiguousarray(view[:, ::-1] if mirror else view))
+    return views
 
 
 def greyscale(image: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from dalle_jax.data import augment, sources
+from dalle_jax.data import augment, sources, synthetic_shapes
 from dalle_jax.sharding import logical
 from dalle_jax.text.contrast import contrast_caption
 from dalle_jax.text.tokenizer import Tokenizer
@@ -32,7 +32,10 @@ class PrepareExample(grain.transforms.RandomMap):
     False for a slot left without one (the caption had no word to edit, or fewer than k
     different edits). With `config.data.augment.greyscale` = p, a training view is grey with
     probability p and its caption loses the `colour_words` (the negatives are made from that
-    caption)."""
+    caption). With `config.data.missing_object_negatives` (synthetic_shapes), also
+    'negative_image': the same view of the scene with some of its named objects taken out
+    (one of `synthetic_shapes.removals`, uniformly), which the caption no longer describes
+    (every example has one; the CLIP task uses those of the batch's first N)."""
 
     def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
         self.data_config = data_config
@@ -43,6 +46,7 @@ class PrepareExample(grain.transforms.RandomMap):
         self.contrast_groups = [tuple(group) for group in data_config.get("contrast_words", ())]
         self.contrast_excluded = tuple(data_config.get("contrast_excluded", ()))
         self.contrast_count = int(data_config.get("contrast_count", 1))
+        self.missing_object_negatives = data_config.get("missing_object_negatives", 0) > 0
 
     def _tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
         return self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
@@ -51,23 +55,36 @@ class PrepareExample(grain.transforms.RandomMap):
     def random_map(self, record, rng: np.random.Generator):
         cfg = self.data_config
         image, caption = sources.image_and_caption(record, cfg, rng if self.training else None)
+        images = [image]
+        if self.missing_object_negatives:
+            images.append(synthetic_shapes.without_objects(
+                image, record["objects"], self._removed(record["objects"], rng)))
         if self.training:
             aug = cfg.augment
-            image = augment.augment(image, cfg.image_size, rng, square=aug.square,
-                                    min_scale=aug.min_scale, max_scale=aug.max_scale,
-                                    flip=aug.flip)
+            images = augment.augment_alike(images, cfg.image_size, rng, square=aug.square,
+                                           min_scale=aug.min_scale, max_scale=aug.max_scale,
+                                           flip=aug.flip)
             if aug.get("greyscale", 0.0) and rng.random() < aug.greyscale:
-                image = augment.greyscale(image)
+                images = [augment.greyscale(view) for view in images]
                 caption = augment.without_words(caption, aug.colour_words)
         else:
-            image = augment.center_view(image, cfg.image_size)
-        example = {"image": image, "text": self._tokens(caption, rng), "mask": np.bool_(True)}
+            images = [augment.center_view(view, cfg.image_size) for view in images]
+        example = {"image": images[0], "text": self._tokens(caption, rng),
+                   "mask": np.bool_(True)}
+        if self.missing_object_negatives:
+            example["negative_image"] = images[1]
         if self.contrast_groups:
             negatives = self._negatives(caption, rng)
             slots = negatives + [caption] * (self.contrast_count - len(negatives))
             example["negative_text"] = np.stack([self._tokens(n, rng) for n in slots])
             example["negative_mask"] = np.arange(self.contrast_count) < len(negatives)
         return example
+
+    @staticmethod
+    def _removed(objects, rng: np.random.Generator) -> list:
+        """The objects a negative image leaves out: one of the scene's removals, uniformly."""
+        choices = synthetic_shapes.removals(objects)
+        return choices[int(rng.integers(len(choices)))]
 
     def _negatives(self, caption: str, rng: np.random.Generator) -> list[str]:
         """Up to `contrast_count` different hard negatives of `caption` (a caption with few

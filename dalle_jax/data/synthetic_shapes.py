@@ -221,6 +221,37 @@ def render(scene: list[dict[str, Any]], image_size: int, rng: np.random.Generato
     return np.asarray(canvas.reduce(factor), dtype=np.uint8)
 
 
+def background_colour(image: np.ndarray, objects: Any) -> np.ndarray:
+    """The (3,) uint8 background of a rendered scene: a corner pixel of a cell without any
+    object (a scene leaves at least two of the four cells empty; an object may reach its own
+    cell's corners)."""
+    taken = {(o["row"], o["col"]) for o in as_object_list(objects)}
+    row, col = next(cell for cell in POSITIONS if cell not in taken)
+    half = image.shape[0] // 2
+    return np.asarray(image[row * half, col * half], np.uint8)
+
+
+def without_objects(image: np.ndarray, objects: Any, removed: Any) -> np.ndarray:
+    """`image` (a rendered scene) with the objects in `removed` taken out: their cells painted
+    with the background. This is exactly the picture `render` gives for the scene without
+    them: every object lies inside its own cell, the supersampled cell is a whole number of
+    output pixels, and the box filter never mixes two cells."""
+    out = np.array(image, np.uint8)
+    background = background_colour(image, objects)
+    half = image.shape[0] // 2
+    for obj in as_object_list(removed):
+        out[obj["row"] * half:(obj["row"] + 1) * half,
+            obj["col"] * half:(obj["col"] + 1) * half] = background
+    return out
+
+
+def removals(objects: Any) -> list[list[dict[str, Any]]]:
+    """Every way to take named objects out of a scene: each object alone, and all of them
+    when that is different (two objects); the last one leaves the empty scene."""
+    scene = as_object_list(objects)
+    return [[obj] for obj in scene] + ([scene] if len(scene) > 1 else [])
+
+
 def _name(obj: dict[str, Any]) -> str:
     return f"a {obj['colour']} {obj['shape']}"
 

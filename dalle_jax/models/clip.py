@@ -263,21 +263,23 @@ class CLIP(nnx.Module):
         return self.encode_images(images), self.encode_text(text), self.logit_scale_value()
 
 
-def flops_per_example(cfg: ClipConfig, batch_size: int) -> float:
+def flops_per_example(cfg: ClipConfig, batch_size: int, images: int = 1,
+                      captions: int = 1) -> float:
     """Training FLOPs of one example (3 × forward), counted by formula as for the transformer:
     projections and MLPs at every position, attention scores and weighted sums, the patch
-    embedding and output projections, and the example's share of the B×B similarity."""
+    embedding and output projections, and the example's share of the B×B similarity. An
+    example with hard negatives encodes `images` images and `captions` captions."""
     def tower(block: BlockConfig, length: int, kind: str) -> float:
         inner = block.num_heads * block.head_dim
         per_position = 2 * (4 * block.d_model * inner + 2 * block.d_model * block.mlp_dim)
         scores = attention_lib.kept_score_count(kind, attention_lib.Layout(length))
         return block.depth * (length * per_position + 4 * inner * scores)
 
-    forward = (tower(cfg.image, cfg.image_length, "full")
-               + tower(cfg.text, cfg.text_length, "causal")
-               + 2 * cfg.num_patches * cfg.patch_dim * cfg.image.d_model
-               + 2 * cfg.embed_dim * (cfg.image.d_model + cfg.text.d_model)
-               + 2 * batch_size * cfg.embed_dim)
+    image = (tower(cfg.image, cfg.image_length, "full")
+             + 2 * cfg.num_patches * cfg.patch_dim * cfg.image.d_model
+             + 2 * cfg.embed_dim * cfg.image.d_model)
+    text = tower(cfg.text, cfg.text_length, "causal") + 2 * cfg.embed_dim * cfg.text.d_model
+    forward = images * image + captions * text + 2 * batch_size * cfg.embed_dim * captions
     return 3.0 * forward
 
 

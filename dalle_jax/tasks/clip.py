@@ -20,6 +20,14 @@ differ from a caption in one attribute, which is exactly the difference rerankin
 `hard_negative_accuracy` (logged, and in evaluation) is the share of (image, own negative)
 pairs in which the image scores its own caption higher.
 
+Missing objects. With `config.data.missing_object_negatives` = k (synthetic_shapes), the first
+k examples of the batch also carry their image with some of the caption's objects taken out (the
+data set's own pixels), and each of their captions' softmax over the batch's images also runs
+over its own such image: in-batch images rarely show the same scene with a piece missing, yet a
+reranker must score an image that lacks a named object (e.g. an empty one) below one that has
+it. `missing_object_accuracy` is the share of those captions scoring their true image higher (in
+evaluation: of every example's).
+
 With `config.train.grad_accum` > 1 the loop computes the loss per micro-batch, so the
 negatives of a step are those of its micro-batch (B / grad_accum), not the whole batch.
 
@@ -73,14 +81,17 @@ def similarity(image_embeddings: jax.Array, text_embeddings: jax.Array) -> jax.A
 
 def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
                       negative_logits: jax.Array | None = None,
-                      negative_mask: jax.Array | None = None):
+                      negative_mask: jax.Array | None = None,
+                      negative_image_logits: jax.Array | None = None):
     """Per-example cross-entropies (image->text, text->image) (B,), and the matching hits.
 
     logits[i, j] scores image i against caption j; the pair (i, i) is the target. Rows and
     columns of masked-out examples are left out of every softmax; their own terms are zero.
     negative_logits[i, j·k + m] (optional, (B, B·k)) scores image i against hard negative m
     of example j, `negative_mask` (B·k,) says which exist: every image's softmax also runs
-    over the batch's usable negatives.
+    over the batch's usable negatives. negative_image_logits[j] (optional, (k,), k <= B)
+    scores caption j < k against its own negative image (its scene with an object taken out),
+    which joins caption j's softmax over the images.
     """
     n = logits.shape[0]
     valid = _valid(mask, n)
@@ -93,6 +104,10 @@ def contrastive_terms(logits: jax.Array, mask: jax.Array | None = None,
         rows = jnp.concatenate(
             [rows, jnp.where(usable[None, :], negative_logits.astype(jnp.float32), _MASKED)],
             axis=1)
+    if negative_image_logits is not None:
+        extra = jnp.full((n,), _MASKED, jnp.float32).at[:negative_image_logits.shape[0]].set(
+            negative_image_logits.astype(jnp.float32))
+        cols = jnp.concatenate([cols, extra[None, :]], axis=0)
     image_to_text = jax.nn.logsumexp(rows, axis=1) - diagonal
     text_to_image = jax.nn.logsumexp(cols, axis=0) - diagonal
     index = jnp.arange(n)
@@ -121,21 +136,31 @@ def hard_negative_wins(sims: jax.Array, negative_sims: jax.Array, usable: jax.Ar
 
 
 def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
-                     negative_embeddings=None, negative_mask=None):
+                     negative_embeddings=None, negative_mask=None,
+                     negative_image_embeddings=None):
     """(loss, metrics): the symmetric cross-entropy, mean over the real examples of the
     global batch, and the share of images / captions whose partner scores highest. With
     `negative_embeddings` (the examples' hard negative captions), each image's softmax also
     runs over them (`negative_embeddings` (B·k, E): example j's k negatives at rows j·k...,
     `negative_mask` (B·k,)), and `hard_negative_accuracy` is the share of (image, own
-    negative) pairs in which the image scores its own caption higher."""
+    negative) pairs in which the image scores its own caption higher. With
+    `negative_image_embeddings` (k, E: the first k examples' scenes with objects taken out),
+    each of those captions' softmax also runs over its own negative image, and
+    `missing_object_accuracy` is the share of them scoring their true image higher."""
     sims = similarity(image_embeddings, text_embeddings)
     negative_sims = None
     if negative_embeddings is not None:
         negative_sims = similarity(image_embeddings, negative_embeddings)
+    negative_image_sims = None
+    if negative_image_embeddings is not None:
+        k = negative_image_embeddings.shape[0]
+        negative_image_sims = jnp.sum(
+            gathered(negative_image_embeddings).astype(jnp.float32)
+            * gathered(text_embeddings)[:k].astype(jnp.float32), axis=1)
     n = sims.shape[0]
     i2t, t2i, hit_i2t, hit_t2i = contrastive_terms(
         scale * sims, mask, None if negative_sims is None else scale * negative_sims,
-        negative_mask)
+        negative_mask, None if negative_image_sims is None else scale * negative_image_sims)
     count = jnp.maximum(jnp.sum(_valid(mask, n).astype(jnp.float32)), 1.0)
     loss = (jnp.sum(i2t) + jnp.sum(t2i)) / (2.0 * count)
     metrics = {"image_to_text_loss": jnp.sum(i2t) / count,
@@ -147,6 +172,12 @@ def contrastive_loss(image_embeddings, text_embeddings, scale, mask=None,
         metrics["hard_negative_accuracy"] = (
             jnp.sum(hard_negative_wins(sims, negative_sims, usable))
             / jnp.maximum(jnp.sum(usable.astype(jnp.float32)), 1.0))
+    if negative_image_sims is not None:
+        k = negative_image_sims.shape[0]
+        real = _valid(mask, n)[:k]
+        wins = (jnp.diagonal(sims)[:k] > negative_image_sims) & real
+        metrics["missing_object_accuracy"] = (jnp.sum(wins.astype(jnp.float32))
+                                              / jnp.maximum(jnp.sum(real), 1))
     return loss, metrics
 
 
@@ -211,14 +242,27 @@ class ClipTask(Task):
         return clip_model.from_config(self.config, rngs)
 
     def flops_per_example(self) -> float:
-        return clip_model.flops_per_example(self.model_config, self.config.data.batch_size)
+        data = self.config.data
+        return clip_model.flops_per_example(
+            self.model_config, data.batch_size,
+            images=1 + data.get("missing_object_negatives", 0) / data.batch_size,
+            captions=1 + (data.contrast_count if data.contrast_words else 0))
 
     def loss(self, model, batch, rng, step):
         del rng, step
-        images, texts, scale = model(batch["image"], batch["text"])
+        negative_images = None
+        count = self.config.data.get("missing_object_negatives", 0)
+        if count and "negative_image" in batch:
+            # One pass of the image tower over both: larger matmuls than two passes.
+            both = model.encode_images(
+                jnp.concatenate([batch["image"], batch["negative_image"][:count]]))
+            images, negative_images = both[:-count], both[-count:]
+            texts, scale = model.encode_text(batch["text"]), model.logit_scale_value()
+        else:
+            images, texts, scale = model(batch["image"], batch["text"])
         negatives, negative_mask = negative_embeddings(model, batch)
         loss, metrics = contrastive_loss(images, texts, scale, batch.get("mask"), negatives,
-                                         negative_mask)
+                                         negative_mask, negative_images)
         return loss, dict(metrics, logit_scale=scale)
 
     def eval_sums(self, model, batch):
@@ -242,6 +286,11 @@ class ClipTask(Task):
             usable = usable_negatives(mask.astype(bool), negative_mask, negative_sims.shape[1])
             sums["hard_negative_count"] = jnp.sum(usable.astype(jnp.float32))
             sums["hard_negative_wins"] = jnp.sum(hard_negative_wins(sims, negative_sims, usable))
+        if "negative_image" in batch:
+            negative_images = model.encode_images(batch["negative_image"])
+            negative_image_sims = jnp.sum(gathered(negative_images) * gathered(texts), axis=1)
+            sums["missing_object_wins"] = jnp.sum((jnp.diagonal(sims) > negative_image_sims)
+                                                  * real)
         return sums
 
     def summarize(self, sums):
@@ -253,6 +302,8 @@ class ClipTask(Task):
             for direction in ("image_to_text", "text_to_image"):
                 out[f"{direction}_recall_at_{k}_in_batch"] = float(
                     sums[f"{direction}_at_{k}"] / count)
+        if "missing_object_wins" in sums:
+            out["missing_object_accuracy"] = float(sums["missing_object_wins"] / count)
         if "hard_negative_count" in sums:
             out["hard_negative_accuracy"] = float(
                 sums["hard_negative_wins"] / max(float(sums["hard_negative_count"]), 1.0))
