@@ -1,7 +1,8 @@
 """What every command does the same way: absl flags, and a log that shows the project's progress.
 
 Each command (`train.py`, `sample.py`, `python -m dalle_jax.serve`, `.evaluate`, `.plan`,
-`.evaluation.reconstruction`, `.evaluation.retrieval`, `.convert.openai_dvae`) defines absl
+`.evaluation.reconstruction`, `.evaluation.retrieval`, `.evaluation.missing_objects`,
+`.convert.openai_dvae`) defines absl
 flags, starts with `cli.run(main)` and ends a bad input with `cli.fail(error)`, one line. Its progress goes to `logging.info` and is shown; the
 INFO lines of the libraries underneath (TFDS, Orbax, Grain, JAX) are not, as they would bury
 it, while their warnings and errors are. An explicit `--verbosity` (`-v 0`) shows everything.

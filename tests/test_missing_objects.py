@@ -1,5 +1,7 @@
 """The missing-object check of `dalle_jax.evaluate`: which variants it scores and what it counts,
-against judges whose verdicts are known in advance."""
+against judges whose verdicts are known in advance; its command on the tiny pipeline."""
+import os
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,34 @@ def test_a_data_set_without_objects_is_a_one_line_error(examples):
     images, captions, _ = examples
     with pytest.raises(ValueError, match="objects"):
         missing_object_rates(PixelCounter(), np.stack(images), captions, None)
+
+
+def test_the_command_reports_a_pipelines_clips_and_names_a_bad_workdir(pipeline_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from dalle_jax import workdir as workdir_lib
+    from dalle_jax.data.examples import load_examples
+    from dalle_jax.evaluation import missing_objects
+    from dalle_jax.models.scorer import scorer_from_workdirs
+
+    command = [sys.executable, "-m", "dalle_jax.evaluation.missing_objects", "--examples=12"]
+    out = subprocess.run(command + [f"--workdir={pipeline_run}"], capture_output=True,
+                         text=True, check=True)
+    report = json.loads(out.stdout)
+    # The same rates as the function on the pipeline's two CLIPs and the splits' first scenes.
+    clips = [os.path.join(pipeline_run, stage) for stage in ("clip", "grey_clip")]
+    scorer = scorer_from_workdirs(clips)
+    config = workdir_lib.read_config(clips[0])
+    for split in ("validation", "heldout"):
+        scenes = load_examples(config, split, 12)
+        expected = missing_objects.missing_object_rates(scorer, scenes.images, scenes.captions,
+                                                        scenes.objects)
+        assert set(report[split]) == set(expected)
+        for judge_name, rates in expected.items():
+            assert report[split][judge_name] == pytest.approx(rates)
+    bad = subprocess.run(command + [f"--workdir={tmp_path}"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "dalle_jax.evaluation.missing_objects: ")

@@ -1,5 +1,7 @@
 """Does CLIP notice a missing object? The true scene against the same scene with objects taken out.
 
+    python -m dalle_jax.evaluation.missing_objects --workdir workdirs/mini [--examples 500]
+
 For every example of a `synthetic_shapes` split, the data set's own pixels
 (`synthetic_shapes.without_objects`) give the scene with each named object removed and the empty
 scene (for a one-object scene they are the same picture). Each is scored with the example's
@@ -13,10 +15,18 @@ here with the same caption, then summed).
 """
 from __future__ import annotations
 
-import numpy as np
+import json
 
+import numpy as np
+from absl import flags
+
+from dalle_jax import cli
+from dalle_jax import workdir as workdir_lib
 from dalle_jax.data import synthetic_shapes
-from dalle_jax.models.scorer import ClipCommittee
+from dalle_jax.data.examples import load_examples
+from dalle_jax.models.scorer import ClipCommittee, scorer_from_workdirs
+
+SPLITS = ("validation", "heldout")
 
 KINDS = ("one_removed", "empty")
 
@@ -63,3 +73,35 @@ def missing_object_rates(scorer, images: np.ndarray, captions: list[str],
         variant = kinds != "true"
         rates[name].update(all=float(np.mean(missed[variant])), variants=int(np.sum(variant)))
     return rates
+
+
+def report_for_workdir(workdir: str, examples: int = 500) -> dict:
+    """{split: rates} for the CLIPs that rerank a pipeline workdir's samples (or one CLIP's
+    run), on the first `examples` scenes of `validation` and `heldout`."""
+    clips = workdir_lib.rerankers(workdir) if workdir_lib.is_pipeline(workdir) else [workdir]
+    if not clips:
+        raise FileNotFoundError(f"pipeline workdir {workdir!r} has no trained CLIP")
+    scorer = scorer_from_workdirs(clips)
+    config = workdir_lib.read_config(clips[0])
+    report = {}
+    for split in SPLITS:
+        scenes = load_examples(config, split, examples)
+        report[split] = missing_object_rates(scorer, scenes.images, scenes.captions,
+                                             scenes.objects)
+    return report
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        report = report_for_workdir(flags.FLAGS.workdir, flags.FLAGS.examples)
+    except (ValueError, FileNotFoundError) as e:
+        cli.fail(e)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A pipeline workdir (its CLIPs) or a CLIP's run.")
+    flags.DEFINE_integer("examples", 500, "Scenes of each split.")
+    flags.mark_flags_as_required(["workdir"])
+    cli.run(main)
