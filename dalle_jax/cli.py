@@ -2,8 +2,8 @@
 
 Each command (`train.py`, `sample.py`, `python -m dalle_jax.serve`, `.evaluate`, `.plan`,
 `.evaluation.reconstruction`, `.evaluation.retrieval`, `.evaluation.missing_objects`,
-`.convert.openai_dvae`) defines absl
-flags, starts with `cli.run(main)` and ends a bad input with `cli.fail(error)`, one line. Its progress goes to `logging.info` and is shown; the
+`.convert.openai_dvae`) defines absl flags, starts with `cli.run(main)` and ends a bad input with
+`cli.fail(error)`, one line. Its progress goes to `logging.info` and is shown; the
 INFO lines of the libraries underneath (TFDS, Orbax, Grain, JAX) are not, as they would bury
 it, while their warnings and errors are. An explicit `--verbosity` (`-v 0`) shows everything.
 """

@@ -26,7 +26,7 @@ from dalle_jax import cli, files as files_lib
 from dalle_jax import workdir as workdir_lib
 from dalle_jax.data.examples import load_examples
 from dalle_jax.evaluation import captions as captions_lib
-from dalle_jax.evaluation.missing_objects import missing_object_rates
+from dalle_jax.evaluation import missing_objects
 from dalle_jax.evaluation.reconstruction import reconstruction_report
 from dalle_jax.evaluation.retrieval import retrieval_report
 from dalle_jax.sampling.generator import Generator, Settings
@@ -197,11 +197,8 @@ def evaluate(workdir: str, options: Options = Options()) -> dict:
     if generate.scorer is not None:
         report["clip"] = retrieval_report(generate.scorer, reference)
         if reference.objects is not None:
-            report["missing_objects"] = {
-                split: missing_object_rates(generate.scorer, examples.images, examples.captions,
-                                            examples.objects)
-                for split in SPLITS
-                for examples in [load_examples(config, split, options.reference_examples)]}
+            report["missing_objects"] = missing_objects.rates_by_split(
+                generate.scorer, config, options.reference_examples)
     files_lib.write_text(files_lib.join(out, "report.json"),
                          json.dumps(report, indent=1, default=float))
     text = markdown(report)

@@ -81,8 +81,13 @@ def report_for_workdir(workdir: str, examples: int = 500) -> dict:
     clips = workdir_lib.rerankers(workdir) if workdir_lib.is_pipeline(workdir) else [workdir]
     if not clips:
         raise FileNotFoundError(f"pipeline workdir {workdir!r} has no trained CLIP")
-    scorer = scorer_from_workdirs(clips)
-    config = workdir_lib.read_config(clips[0])
+    return rates_by_split(scorer_from_workdirs(clips), workdir_lib.read_config(clips[0]),
+                          examples)
+
+
+def rates_by_split(scorer, config, examples: int) -> dict:
+    """{split: `missing_object_rates`} on the first `examples` scenes of `validation` and
+    `heldout` of `config`'s data set."""
     report = {}
     for split in SPLITS:
         scenes = load_examples(config, split, examples)
