@@ -124,6 +124,43 @@ def test_conv_init_is_normal_with_std_one_over_sqrt_fan_in(tiny):
     assert not np.any(conv.bias[...])
 
 
+def brute_force_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Stride-1 'same' convolution by explicit sums over the window (float64)."""
+    k = kernel.shape[0]
+    pad = k // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+    for dy in range(k):
+        for dx in range(k):
+            window = padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
+            out += window @ kernel[dy, dx].astype(np.float64)
+    return out + bias
+
+
+@pytest.mark.parametrize("n_in", [3, 5, 8])
+def test_conv_equals_the_window_sums_whatever_its_input_channels(n_in):
+    # Inputs whose channels are not a multiple of 4 (the RGB layer) are padded with zero
+    # channels for speed; the values and the kernel's gradient must not change.
+    conv = dvae.Conv(n_in, 6, 7 if n_in == 3 else 3, dtype=jnp.float32, rngs=fast_rngs())
+    conv.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+    x = np.random.default_rng(n_in).normal(size=(2, 9, 9, n_in)).astype(np.float32)
+    kernel, bias = np.asarray(conv.kernel[...]), np.asarray(conv.bias[...])
+    np.testing.assert_allclose(conv(x), brute_force_conv(x, kernel, bias), atol=1e-5)
+
+    weights = np.random.default_rng(1).normal(size=(2, 9, 9, 6))
+
+    def loss(conv):
+        return jnp.sum(conv(x) * weights)
+
+    # d loss / d kernel[dy, dx, i, o] = sum of weights[.., o] times the input it multiplies.
+    pad = kernel.shape[0] // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    expected = np.stack([np.stack([
+        np.einsum("byxi,byxo->io", padded[:, dy:dy + 9, dx:dx + 9], weights)
+        for dx in range(kernel.shape[1])]) for dy in range(kernel.shape[0])])
+    np.testing.assert_allclose(nnx.grad(loss)(conv).kernel[...], expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("image_size", 10, "config.model.image_size"),
     ("n_hid", 6, "config.model.n_hid"),
