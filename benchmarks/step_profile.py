@@ -120,6 +120,9 @@ def profile_step(stage_config, trainer, steps: int, top: int) -> None:
     print("| kind of operation | ms a step | share of the summed time |\n|---|---|---|")
     for name, s in by_kind.most_common(8):
         print(f"| {name} | {1e3 * s:.1f} | {s / total:.2f} |")
+    copies = sum(s for name, s in by_kind.items() if "copy" in name or "transpose" in name)
+    print(f"| every layout copy (kinds named copy or transpose) | {1e3 * copies:.1f} | "
+          f"{copies / total:.2f} |")
     print("\n| longest operations | ms a step | output, computes, from |\n|---|---|---|")
     for name, s in seconds.most_common(top):
         print(f"| {name} | {1e3 * s / steps:.2f} | {describe(name, hlo)} |")

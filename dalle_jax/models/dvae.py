@@ -70,7 +70,7 @@ class Conv(nnx.Module):
         missing = -x.shape[-1] % 4
         if missing:
             # Zero channels up to a multiple of 4 leave the result as it is, but XLA:CPU's
-            # convolution library runs the RGB input layer 3.5× faster with a fourth channel
+            # convolution library runs the RGB input layer 2-4× faster with a fourth channel
             # (BENCHMARKS.md, "Where the main job's train steps spend their time").
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, missing)))
             kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, missing), (0, 0)))
