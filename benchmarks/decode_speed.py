@@ -161,7 +161,7 @@ def cache_read_bytes(model, batch: int, implementation: str) -> int:
 
     b = model.cfg.block
     entries = sum(attention_lib.decode_keys(kind, model.cfg.layout, 0, implementation)[0].shape[0]
-                  for kind in attention_lib.layer_kinds(b.depth))
+                  for kind in model.cfg.layer_kinds)
     return 2 * batch * entries * b.num_heads * b.head_dim * 4
 
 

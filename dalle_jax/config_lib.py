@@ -138,6 +138,7 @@ def dalle_base_config() -> ml_collections.ConfigDict:
         d_model=512, num_heads=8, head_dim=64, mlp_dim=2048, depth=8,
         conv_kernel=11,  # the last layer's causal k×k neighbourhood
         attention="sparse",  # or "dense": the masked reference implementation
+        layers="paper",  # row/column/conv as in the paper, or "causal" in every layer
         remat="none",  # "full" or "save_dots": recompute activations in the backward pass
         scan_unroll=1,  # layers per iteration of the loop over depth (depth: no loop)
         init_std=0.02,

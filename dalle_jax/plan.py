@@ -30,7 +30,6 @@ from ml_collections import config_flags
 
 from dalle_jax import cli, config_lib, files, tasks
 from dalle_jax import workdir as workdir_lib
-from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import dalle as dalle_model
 from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sharding import logical, mesh as mesh_lib
@@ -225,9 +224,9 @@ def cache_read_bytes_per_step(cfg, streams_per_device: int, heads_per_device: in
     caption and its own window (models/attention.py, `decode_keys`), not the whole cache."""
     layout = cfg.layout
     window = {"row": layout.grid_w + 1, "column": layout.grid_h,
-              "conv": (layout.conv_kernel // 2 + 1) * layout.conv_kernel}
-    entries = sum(layout.text_len + window[kind] for kind in attention_lib.layer_kinds(
-        cfg.block.depth))
+              "conv": (layout.conv_kernel // 2 + 1) * layout.conv_kernel,
+              "causal": layout.image_len}
+    entries = sum(layout.text_len + window[kind] for kind in cfg.layer_kinds)
     return 2 * entries * streams_per_device * heads_per_device * cfg.block.head_dim * itemsize
 
 

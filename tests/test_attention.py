@@ -115,6 +115,27 @@ def test_layer_kinds_follow_the_paper(depth):
         assert kinds[:4] == ("row", "column", "row", "row")
 
 
+def test_causal_layers_and_an_unknown_pattern():
+    assert attn.layer_kinds(3, "causal") == ("causal",) * 3
+    assert attn.layer_kinds(3, "paper") == attn.layer_kinds(3)
+    with pytest.raises(ValueError, match="layers='dense' must be one of"):
+        attn.layer_kinds(3, "dense")
+
+
+@pytest.mark.parametrize("kind", attn.DECODE_KINDS)
+def test_decode_keys_are_the_mask_row_of_the_query(kind):
+    """The positions a decode step reads, with their validity, select exactly the keys the
+    layer's mask gives the query (what the training forward sees)."""
+    layout = Layout(3, 4, 5, conv_kernel=3)
+    mask = attn.dense_mask(kind, layout)
+    for implementation in ("sparse", "dense"):
+        for a in range(layout.image_len):
+            positions, valid = attn.decode_keys(kind, layout, a, implementation)
+            seen = np.zeros(layout.length, bool)
+            seen[np.asarray(positions)[np.asarray(valid)]] = True
+            np.testing.assert_array_equal(seen, mask[layout.text_len + a], err_msg=f"{a}")
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(text_len=0), "text_len"),
     (dict(text_len=4, grid_h=-1, grid_w=-1), "grid_h"),

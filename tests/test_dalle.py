@@ -21,11 +21,12 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dalle_12b_partition_
 
 
 def small_config(**model) -> dalle.DalleConfig:
-    """configs/dalle_mini.py shrunk: text 6 + a 4×4 grid, width 32, the row/column/row/conv stack."""
+    """configs/dalle_mini.py shrunk: text 6 + a 4×4 grid, width 32, the row/column/row/conv stack
+    (the paper's layers, whatever the mini config uses)."""
     config = config_lib.load("dalle_mini")
     config.text.update(dict(length=6, vocab_size=16))
     config.model.update(dict(grid_size=4, image_vocab_size=24, d_model=32, num_heads=4,
-                             head_dim=8, mlp_dim=64, depth=4, conv_kernel=3))
+                             head_dim=8, mlp_dim=64, depth=4, conv_kernel=3, layers="paper"))
     config.model.update(model)
     return dalle.dalle_config(config.model, config.text, "float32")
 
@@ -113,6 +114,26 @@ def test_layers_follow_the_paper_assignment(small):
     assert model.stack.kinds == attention_lib.layer_kinds(cfg.block.depth)
     leading = {x.shape[0] for x in jax.tree.leaves(nnx.state(model.stack, nnx.Param))}
     assert leading == {cfg.block.depth}  # one stacked array per parameter, scanned
+
+
+def test_causal_layers_use_the_plain_causal_mask_in_every_layer(small):
+    """`layers="causal"`: every layer's kind is "causal", whose mask is the brute-force lower
+    triangle (each image token sees the caption and every earlier image token), and the
+    option changes what the model computes."""
+    cfg, _ = small
+    causal = dalle.DALLE(dataclasses.replace(cfg, layers="causal"), rngs=fast_rngs())
+    assert causal.stack.kinds == ("causal",) * cfg.block.depth
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    length = cfg.layout.length
+    brute = np.tril(np.ones((length, length), bool))
+    assert (attention_lib.dense_mask("causal", cfg.layout) == brute).all()
+    # A paper-layer model with the same weights computes something else: the layers matter.
+    paper = dalle.DALLE(cfg, rngs=fast_rngs())
+    nnx.update(paper, nnx.state(causal, nnx.Param))
+    forward = nnx.jit(lambda m, t, i: m(t, i))
+    _, causal_logits = forward(causal, text, tokens)
+    _, paper_logits = forward(paper, text, tokens)
+    assert np.abs(np.asarray(causal_logits) - np.asarray(paper_logits)).max() > 1e-3
 
 
 # --- the loss -----------------------------------------------------------------------------
@@ -308,6 +329,7 @@ def test_unrolling_the_loop_over_layers_changes_speed_not_results(small):
     ("depth", 0, "config.model.depth=0"),
     ("scan_unroll", 0, "config.model.scan_unroll=0 must be between 1 and config.model.depth=4"),
     ("scan_unroll", 5, "config.model.scan_unroll=5 must be between 1"),
+    ("layers", "dense", "config.model.layers='dense' must be one of"),
 ])
 def test_bad_model_config_is_a_one_line_error(key, value, match):
     with pytest.raises(ValueError, match=match):

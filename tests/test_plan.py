@@ -120,7 +120,7 @@ def test_sampling_plan_of_dalle_mini_equals_its_real_arrays():
     # Bytes read: per layer, the cache positions `decode_keys` gathers for a query.
     cfg, layout = model.cfg, model.cfg.layout
     entries = sum(len(attention_lib.decode_keys(kind, layout, 27)[0])
-                  for kind in attention_lib.layer_kinds(cfg.block.depth))
+                  for kind in cfg.layer_kinds)
     cache_reads = 2 * entries * 8 * 1 * cfg.block.head_dim * 4  # k and v, 8 streams, 1 head
     # FSDP is 1 here: every weight is read as its device holds it.
     assert plan.read_bytes_per_step == device0_bytes(placed) + cache_reads

@@ -71,6 +71,17 @@ def test_cached_logits_equal_the_teacher_forced_forward_at_every_step(small, imp
     np.testing.assert_allclose(logits, teacher_forced, atol=CACHED_ATOL[dtype])
 
 
+@pytest.mark.parametrize("implementation", ["sparse", "dense"])
+def test_cached_logits_of_causal_layers_equal_the_teacher_forced_forward(small, implementation):
+    """`layers="causal"` (every layer reads the whole cache) against the full forward."""
+    cfg, _ = small
+    model = dalle.DALLE(dataclasses.replace(cfg, layers="causal"), rngs=fast_rngs())
+    text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
+    _, teacher_forced = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
+    logits = cached_logits(model, text, tokens, implementation)
+    np.testing.assert_allclose(logits, teacher_forced, atol=CACHED_ATOL["float32"])
+
+
 def test_greedy_bf16_tokens_follow_float32_until_a_near_tie(small):
     """bf16 moves each logit by up to about 1% of the largest (BENCHMARKS.md, "bfloat16 against
     float32"), so greedy decoding picks the same tokens until float32's two best logits are

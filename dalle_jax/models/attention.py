@@ -10,7 +10,8 @@ positions before it for "row"; its own column, made contiguous by a transpose, f
 two image rows and the conv_kernel//2 rows above for "conv"), with ONE softmax over text and
 window scores together. Its work grows like n·(text_len + window) instead of n²; on CPU at the
 paper's 256 + 32×32 it runs forward + backward 2.5-4× faster than the dense-masked reference
-(benchmarks/sparse_attention.py). "causal" and "full" have nothing to skip and use the dense path.
+(benchmarks/sparse_attention.py). "causal" and "full" have nothing to skip and use the dense path;
+the transformer can also use "causal" in every layer (`layer_kinds(depth, "causal")`).
 
     kinds = layer_kinds(64)                      # ("row", "column", "row", "row", ..., "conv")
     out = attention(q, k, v, kinds[i], Layout(256, 32, 32))   # q, k, v: [batch, L, heads, dim]
@@ -28,6 +29,9 @@ import numpy as np
 
 KINDS = ("causal", "full", "row", "column", "conv")
 SPARSE_KINDS = ("row", "column", "conv")
+# The transformer's choices of kinds over its layers (`layer_kinds`).
+LAYER_PATTERNS = ("paper", "causal")
+DECODE_KINDS = SPARSE_KINDS + ("causal",)  # the kinds of the transformer's image queries
 # Group sizes of the sparse path, measured on CPU at the paper's layout (benchmarks/
 # sparse_attention.py): smaller groups compute fewer masked scores but copy more key windows
 # (each key lands in several) and make smaller matmuls; at 32x32, 32 and two rows won.
@@ -75,10 +79,19 @@ class Layout:
         return self.text_len + self.image_len
 
 
-def layer_kinds(depth: int) -> tuple[str, ...]:
-    """The paper's assignment for layers 1..depth: last "conv", else "column" if (i-2)%4==0."""
+def layer_kinds(depth: int, layers: str = "paper") -> tuple[str, ...]:
+    """The attention kind of layers 1..depth.
+
+    "paper": the paper's assignment, last "conv", else "column" if (i-2)%4==0; "causal": every
+    image query sees every earlier image position, in every layer (for small grids, where the
+    sparse patterns save little and a few layers must still relate the whole image).
+    """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    if layers not in LAYER_PATTERNS:
+        raise ValueError(f"layers={layers!r} must be one of {LAYER_PATTERNS}")
+    if layers == "causal":
+        return ("causal",) * depth
     return tuple("conv" if i == depth else "column" if (i - 2) % 4 == 0 else "row"
                  for i in range(1, depth + 1))
 
@@ -96,6 +109,8 @@ def _image_rule(kind: str, a, b, layout: Layout):
     """
     w, radius = layout.grid_w, layout.conv_kernel // 2
     causal = b <= a
+    if kind == "causal":
+        return causal
     if kind == "row":
         return causal & (a - b <= w)
     if kind == "column":
@@ -332,12 +347,14 @@ def decode_keys(kind: str, layout: Layout, a, implementation: str = "sparse"):
 
     "sparse" reads all text positions plus the layer's window (the cost of a token does not
     grow with its position); "dense" reads the whole cache with the mask's row (the reference).
-    Validity always comes from `_image_rule`, the patterns' single definition.
+    A "causal" layer has no window: it reads the whole cache either way. Validity always comes
+    from `_image_rule`, the patterns' single definition.
     """
-    if kind not in SPARSE_KINDS:
-        raise ValueError(f"decoding reads image keys of a sparse kind, not {kind!r}")
+    if kind not in DECODE_KINDS:
+        raise ValueError(f"decoding reads image keys of one of {DECODE_KINDS}, not {kind!r}")
     t, n = layout.text_len, layout.image_len
-    b = jnp.arange(n) if implementation == "dense" else _window_candidates(kind, layout, a)
+    whole = implementation == "dense" or kind == "causal"
+    b = jnp.arange(n) if whole else _window_candidates(kind, layout, a)
     valid = (b >= 0) & (b < n) & _image_rule(kind, a, b, layout)
     positions = jnp.concatenate([jnp.arange(t), t + jnp.clip(b, 0, n - 1)]).astype(jnp.int32)
     return positions, jnp.concatenate([jnp.ones((t,), bool), valid])

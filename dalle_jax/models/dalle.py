@@ -35,6 +35,11 @@ class DalleConfig:
     attention: str = "sparse"  # or "dense": the masked reference
     remat: str = "none"
     scan_unroll: int = 1
+    layers: str = "paper"  # the attention kind of each layer (attention.layer_kinds)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return attention_lib.layer_kinds(self.block.depth, self.layers)
 
     @property
     def layout(self) -> attention_lib.Layout:
@@ -60,13 +65,18 @@ def dalle_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDi
                          f"config.model.depth={model.depth}")
     if model.attention not in ("sparse", "dense"):
         raise ValueError(f"config.model.attention={model.attention!r} must be 'sparse' or 'dense'")
+    # Workdirs written before the option existed have no key: they used the paper's layers.
+    layers = model.get("layers", "paper")
+    if layers not in attention_lib.LAYER_PATTERNS:
+        raise ValueError(f"config.model.layers={layers!r} must be one of "
+                         f"{attention_lib.LAYER_PATTERNS}")
     block = BlockConfig(d_model=model.d_model, num_heads=model.num_heads,
                         head_dim=model.head_dim, mlp_dim=model.mlp_dim, depth=model.depth,
                         init_std=model.init_std, dtype=compute_dtype)
     return DalleConfig(text_length=text.length, text_vocab_size=text.vocab_size,
                        image_vocab_size=model.image_vocab_size, grid_size=model.grid_size,
                        block=block, conv_kernel=model.conv_kernel, attention=model.attention,
-                       remat=model.remat, scan_unroll=scan_unroll)
+                       remat=model.remat, scan_unroll=scan_unroll, layers=layers)
 
 
 def empty_captions(batch_size: int, length: int) -> jax.Array:
@@ -90,7 +100,7 @@ class DALLE(nnx.Module):
         self.row_embed = layers.Embed(cfg.grid_size, d, ("length", "embed"), std=std, rngs=rngs)
         self.column_embed = layers.Embed(cfg.grid_size, d, ("length", "embed"), std=std,
                                          rngs=rngs)
-        self.stack = Stack(cfg.block, attention_lib.layer_kinds(cfg.block.depth), cfg.layout,
+        self.stack = Stack(cfg.block, cfg.layer_kinds, cfg.layout,
                            implementation=cfg.attention, remat=cfg.remat,
                            scan_unroll=cfg.scan_unroll, rngs=rngs)
         self.final_norm = layers.LayerNorm(d, rngs=rngs)
@@ -185,7 +195,7 @@ def flops_per_example(cfg: DalleConfig) -> float:
     heads = 2 * b.d_model * (cfg.text_vocab_size * (cfg.text_length - 1)
                              + cfg.image_vocab_size * cfg.image_length)
     attention = sum(4 * inner * attention_lib.kept_score_count(kind, cfg.layout)
-                    for kind in attention_lib.layer_kinds(b.depth))
+                    for kind in cfg.layer_kinds)
     return 3.0 * (b.depth * length * per_position + heads + attention)
 
 
