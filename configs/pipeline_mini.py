@@ -50,8 +50,8 @@ def get_config():
     config.grey_clip.data.augment.colour_words = COLOURS
     config.grey_clip.train.steps = 1000
     # 5000 steps, not 2500: the transformer's own draws are what a user sees without
-    # reranking, and doubling its steps took the plain match rate on `validation` from 33% to
-    # 60% (BENCHMARKS.md, "What limits the transformer's own samples"); its steps are where
+    # reranking, and doubling its steps took their match rate on `validation` (guidance 1.5)
+    # from 33% to 59% (BENCHMARKS.md, "What limits the transformer's own samples"); its steps are where
     # the job's minutes gain most.
     config.dalle.train.steps = 5000
     # Temperature 0.7 with guidance 1.5: the draws CLIP picked from best (BENCHMARKS.md, "What
