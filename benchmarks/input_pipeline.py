@@ -57,7 +57,7 @@ def reference_rate(config, source, tokenizer, count: int) -> float:
     prepare = input_pipeline.PrepareExample(config.data, config.text, tokenizer, training=True)
     start = time.perf_counter()
     for i in range(count):
-        prepare.random_map(source[i % len(source)], np.random.default_rng(i))
+        prepare.random_map((i, source[i % len(source)]), np.random.default_rng(i))
     return count / (time.perf_counter() - start)
 
 

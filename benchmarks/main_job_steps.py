@@ -49,7 +49,7 @@ def stage_trainer(stage: str, config, workdir: str):
     dvae = None
     if stage == "dalle":
         dvae = dvae_model.from_config(configs["dvae"], nnx.Rngs(0))
-    task = tasks.get_task(stage_config, dvae=dvae)
+    task = pipeline.make_task(stage_config, dvae=dvae) if dvae else tasks.get_task(stage_config)
     return stage_config, loop.Trainer(stage_config, os.path.join(workdir, stage), task)
 
 
@@ -81,7 +81,8 @@ def measure(stage: str, config, workdir: str, steps: int, rounds: int) -> dict:
 def encode_seconds(trainer, batch, calls: int) -> float:
     """Seconds of the transformer step's own dVAE encoding of one batch, compiled alone."""
     task = trainer.task
-    encode = jax.jit(lambda frozen, images: nnx.merge(task.dvae_graphdef, frozen).encode(images))
+    encode = jax.jit(lambda frozen, images: nnx.merge(task.dvae_graphdef,
+                                                      frozen["dvae"]).encode(images))
     jax.block_until_ready(encode(trainer.frozen, batch["image"]))
     start = time.perf_counter()
     for _ in range(calls):
@@ -109,7 +110,9 @@ def main(argv):
                   f"{reference / 1e9:.1f} | **{r['flops'] / r['step'] / reference:.2f}** | "
                   f"{r['flops'] / r['fed'] / reference:.2f} |", flush=True)
             if "encode" in r:
-                encodes.append(f"the transformer's dVAE encoding of a batch, compiled alone: "
+                cached = "without" if config.dalle.task.token_cache else "in"
+                encodes.append(f"the transformer's dVAE encoding of a batch, compiled alone "
+                               f"({cached} its step: config.task.token_cache): "
                                f"{1e3 * r['encode']:.1f} ms = {r['encode'] / r['step']:.2f} of "
                                "its step")
     for line in encodes:

@@ -138,8 +138,8 @@ def profile_host(stage_config, trainer, examples: int) -> str:
     read = (time.perf_counter() - start) / count
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    for record in records:
-        prepare.random_map(record, rng)
+    for index, record in enumerate(records):
+        prepare.random_map((index, record), rng)
     prepared = (time.perf_counter() - start) / count
     return (f"| {trainer.task.name} | {1e6 * read:.0f} µs | {1e6 * prepared:.0f} µs | "
             f"{1e3 * (read + prepared) * data.batch_size:.1f} ms a batch of {data.batch_size} |")

@@ -132,6 +132,9 @@ def dalle_base_config() -> ml_collections.ConfigDict:
         dvae_workdir="",  # a trained dVAE's workdir: its (EMA) encoder turns images into tokens
         text_loss_weight=1 / 8, image_loss_weight=7 / 8,
         caption_dropout=0.1,  # empty captions, for classifier-free guidance at sampling
+        # Encode every training image once, before the first step, instead of in every step:
+        # only where the views never change (no augmentation: see `validate`).
+        token_cache=False,
     ))
     c.model = ml_collections.ConfigDict(dict(
         grid_size=32, image_vocab_size=8192,  # must match the dVAE
@@ -203,6 +206,20 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_token_cache(config) -> None:
+    """A cached view must be the view every epoch would see: the evaluation view (centred
+    square at `image_size`), which the training augmentation gives only when it is off."""
+    if not config.get("task", {}).get("token_cache", False):
+        return
+    aug = config.data.augment
+    for key, value, fixed in (("square", aug.square, "center"), ("min_scale", aug.min_scale, 1.0),
+                              ("max_scale", aug.max_scale, 1.0), ("flip", aug.flip, False),
+                              ("greyscale", aug.get("greyscale", 0.0), 0.0)):
+        _check(value == fixed, f"config.task.token_cache=True encodes each training image once, "
+               f"but config.data.augment.{key}={value!r} changes its view between epochs "
+               f"(set it to {fixed!r}, or the cache off)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError naming the first bad value."""
     data, text, aug = config.data, config.text, config.data.augment
@@ -240,6 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(len(config.mesh.axes) == len(config.mesh.shape),
            f"config.mesh.shape {tuple(config.mesh.shape)} and config.mesh.axes "
            f"{tuple(config.mesh.axes)} differ in length")
+    _check_token_cache(config)
     _check(config.profile_steps >= 0, f"config.profile_steps={config.profile_steps} must be >= 0")
     train = config.train
     _check(train.steps > 0, f"config.train.steps={train.steps} must be positive")

@@ -24,32 +24,54 @@ from __future__ import annotations
 import time
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from dalle_jax import config_lib, files, tasks
 from dalle_jax import workdir as workdir_lib
+from dalle_jax.data import input_pipeline
 from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sampling.generator import Generator
 from dalle_jax.sampling.outputs import write_samples
 from dalle_jax.sharding import mesh as mesh_lib
+from dalle_jax.tasks import dalle as dalle_task
 from dalle_jax.tasks.task import Task
 from dalle_jax.training import loop, setup
 
 STAGES = workdir_lib.PIPELINE_STAGES
+ENCODE_BATCH = 256  # images a call when a token cache encodes the training split
 
 
 def is_pipeline(config) -> bool:
     return "stages" in config
 
 
-def make_task(config) -> Task:
+def make_task(config, dvae=None) -> Task:
     """The task of a stage's config, given what it needs from an earlier stage: the trained
-    dVAE of `config.task.dvae_workdir` (EMA weights, computing in this run's dtype)."""
-    dvae = None
-    if config.task.get("dvae_workdir"):
+    dVAE of `config.task.dvae_workdir` (EMA weights, computing in this run's dtype; `dvae`:
+    one to use instead) and, with `config.task.token_cache`, its tokens of every training
+    image."""
+    if dvae is None and config.task.get("dvae_workdir"):
         dvae = workdir_lib.Run(config.task.dvae_workdir, expect="dvae").load_model(
             dvae_model.from_config, dtype=config.train.compute_dtype)
-    return tasks.get_task(config, dvae=dvae)
+    token_table = None
+    if dvae is not None and config.task.get("token_cache", False):
+        config_lib.validate(config)  # before minutes of encoding, not after
+        token_table = encode_training_split(config, dvae)
+    return tasks.get_task(config, dvae=dvae, token_table=token_table)
+
+
+def encode_training_split(config, dvae) -> np.ndarray:
+    """The dVAE's tokens of every training image, by position in the split (each process
+    encodes the whole split: the cache is meant for small data sets)."""
+    start = time.perf_counter()
+    setup.prepare_data(config.data)
+    views = input_pipeline.evaluation_views(config.data, config.data.train_split,
+                                            batch_size=ENCODE_BATCH)
+    table = dalle_task.encode_all(dvae, views)
+    logging.info("token cache: %d training images encoded in %.1f s (%.1f MB)", len(table),
+                 time.perf_counter() - start, table.nbytes / 1e6)
+    return table
 
 
 def train_stage(config, workdir: str, *, root: str | None = None, **kwargs):

@@ -13,7 +13,9 @@ planning estimate for an accelerator, whose compiler fuses and schedules differe
 
 A task that reads image tokens (the transformer) needs its dVAE's shapes only: `--dvae_config`
 (default: the paper's configs/dvae.py) stands in for the trained dVAE of
-`config.task.dvae_workdir`. The step is the training loop's own (`loop.plan_step`).
+`config.task.dvae_workdir`. The step is the training loop's own (`loop.plan_step`); a token
+cache's table (`config.task.token_cache`, int32 tokens of every training image on every device)
+is not counted, as the plan reads no data set.
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def abstract_batch(config, mesh, rules) -> dict:
     size, side = config.data.batch_size, config.data.image_size
     shapes = {"image": ((size, side, side, 3), np.uint8),
               "text": ((size, config.text.length), np.int32),
-              "mask": ((size,), np.bool_)}
+              "mask": ((size,), np.bool_),
+              "index": ((size,), np.int32)}  # read by a token cache only, else pruned
     return {k: jax.ShapeDtypeStruct(shape, dtype,
                                     sharding=logical.batch_sharding(mesh, rules, len(shape)))
             for k, (shape, dtype) in shapes.items()}

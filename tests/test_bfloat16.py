@@ -58,6 +58,7 @@ def tiny_dalle_run_config():
                              head_dim=8, mlp_dim=64, depth=4, conv_kernel=3))
     config.data.image_size = 8
     config.task.caption_dropout = 0.0
+    config.task.token_cache = False  # batches of random images, encoded in the step
     return config
 
 

@@ -128,7 +128,7 @@ def prepared(data_config, tokenizer, record, seed=0):
 
     text = config_lib.load("clip_mini").text
     prepare = input_pipeline.PrepareExample(data_config, text, tokenizer, training=True)
-    return prepare.random_map(record, np.random.default_rng(seed))
+    return prepare.random_map((0, record), np.random.default_rng(seed))
 
 
 def test_examples_carry_k_different_negatives_each_false_of_the_image(clip_data,

@@ -6,16 +6,21 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import conftest
 from dalle_jax import workdir as workdir_lib
+from dalle_jax.data import input_pipeline
+from dalle_jax.models import dvae as dvae_model
 from dalle_jax.pipeline import make_task
 from dalle_jax.sampling.generator import Generator
 from dalle_jax.sampling.outputs import to_pixels
-from dalle_jax.training import metrics as metrics_lib
+from dalle_jax.text.tokenizer import Tokenizer
+from dalle_jax.training import loop, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,3 +105,62 @@ def test_missing_dvae_workdir_names_it(tiny_dalle_config, tmp_path):
     tiny_dalle_config.task.dvae_workdir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         make_task(tiny_dalle_config)
+
+
+@pytest.fixture
+def untrained_dvae(mini_config):
+    """A freshly initialised dVAE of the tiny pipeline's shapes: its codes vary from image to
+    image (the tiny trained one gives most images the same code), so a wrong lookup shows."""
+    config = conftest.tiny_pipeline_config(mini_config).dvae
+    return dvae_model.from_config(config, nnx.Rngs(3))
+
+
+def test_token_cache_holds_the_tokens_the_step_would_encode(tiny_dalle_config, untrained_dvae):
+    """The cached table against the reference: the dVAE encoding each training batch's
+    images inside the step, as without the cache."""
+    config = tiny_dalle_config
+    assert config.task.token_cache  # the main job's setting (configs/dalle_mini.py)
+    task = make_task(config, dvae=untrained_dvae)
+    assert len({row.tobytes() for row in task.token_table}) > 250  # of 300 images
+    tokenizer = Tokenizer(config.text.tokenizer)
+    frozen = task.frozen_state()
+    encode = jax.jit(task.image_tokens)
+    lookup = jax.jit(task.training_tokens)
+    loader = iter(input_pipeline.make_loader(config, config.data.train_split, tokenizer,
+                                             training=True))
+    for _ in range(12):  # 12 batches of 32 over 300 records: past the first epoch
+        batch = dict(next(loader), frozen=frozen)
+        want = np.asarray(encode(batch))
+        np.testing.assert_array_equal(np.asarray(lookup(batch)), want)
+        np.testing.assert_array_equal(task.token_table[batch["index"]], want)
+
+
+def test_token_cache_trains_as_encoding_in_the_step(tiny_dalle_config, untrained_dvae,
+                                                    tmp_path):
+    """Three train steps with the cache and without it: the same losses and parameters."""
+    results = []
+    for cached in (True, False):
+        config = tiny_dalle_config.copy_and_resolve_references()
+        config.task.token_cache = cached
+        trainer = loop.Trainer(config, str(tmp_path / str(cached)),
+                               make_task(config, dvae=untrained_dvae))
+        state = trainer.init_state()
+        losses = []
+        with trainer.batches(config.data.train_split, training=True) as batches:
+            for _ in range(3):
+                state, step_metrics = trainer.train_step(state, next(batches))
+                losses.append(float(step_metrics["loss"]))
+        results.append((losses, jax.device_get(state.params)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 *[params for _, params in results])
+
+
+def test_token_cache_with_changing_views_is_a_one_line_error(tiny_dalle_config):
+    tiny_dalle_config.data.augment.max_scale = 1.125
+    with pytest.raises(ValueError, match=r"config.task.token_cache=True .* "
+                                         r"config.data.augment.max_scale=1.125 changes"):
+        make_task(tiny_dalle_config)
+    tiny_dalle_config.task.token_cache = False  # the paper's augmentation, encoded in the step
+    task = make_task(tiny_dalle_config)
+    assert task.token_table is None and "tokens" not in task.frozen_state()

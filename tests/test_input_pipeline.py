@@ -61,6 +61,26 @@ def test_batches_hold_tokenized_captions_of_their_images(mini_config, mini_token
         assert mini_tokenizer.decode(text) == by_image[digest(image)]
 
 
+def test_examples_carry_their_position_and_fixed_views_are_the_evaluation_views(
+        mini_config, mini_tokenizer):
+    """What a token cache relies on: 'index' is the example's position in the split, and with
+    the augmentation off, a training view is the record's evaluation view in every epoch."""
+    config = mini_config()
+    config.data.augment.update(dict(square="center", min_scale=1.0, max_scale=1.0, flip=False))
+    reference = source_digests(config, "train")
+    views = np.concatenate(list(input_pipeline.evaluation_views(config.data, "train", 64)))
+    assert [digest(view) for view in views] == reference  # in order, whole, the last batch short
+    epochs = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True), 20)
+    assert {int(i) for batch in epochs for i in batch["index"]} == set(range(len(reference)))
+    for batch in epochs:  # 20 batches of 32 over 300 records: more than two epochs
+        assert batch["index"].dtype == np.int32
+        assert [digest(image) for image in batch["image"]] == [
+            reference[i] for i in batch["index"]]
+    evaluation = take(input_pipeline.make_loader(config, "validation", mini_tokenizer,
+                                                 training=False), 2)
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in evaluation]), np.arange(64))
+
+
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_host_shards_are_disjoint_and_cover_the_split(mini_config, mini_tokenizer, process_count):
     config = mini_config()

@@ -26,7 +26,8 @@ from dalle_jax.text.tokenizer import Tokenizer
 
 
 class PrepareExample(grain.transforms.RandomMap):
-    """One record -> {'image': uint8 SxSx3, 'text': int32 ids, 'mask': True}; with
+    """One (position in the split, record) -> {'image': uint8 SxSx3, 'text': int32 ids,
+    'mask': True, 'index': int32 position (where a token cache finds the image's tokens)}; with
     `config.data.contrast_words`, also 'negative_text' (k, length): k = `contrast_count`
     different captions, each the caption made false by one edit, and 'negative_mask' (k,):
     False for a slot left without one (the caption had no word to edit, or fewer than k
@@ -52,7 +53,8 @@ class PrepareExample(grain.transforms.RandomMap):
         return self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
                                      seed=int(rng.integers(2**31)))
 
-    def random_map(self, record, rng: np.random.Generator):
+    def random_map(self, indexed, rng: np.random.Generator):
+        index, record = indexed
         cfg = self.data_config
         image, caption = sources.image_and_caption(record, cfg, rng if self.training else None)
         images = [image]
@@ -70,7 +72,7 @@ class PrepareExample(grain.transforms.RandomMap):
         else:
             images = [augment.center_view(view, cfg.image_size) for view in images]
         example = {"image": images[0], "text": self._tokens(caption, rng),
-                   "mask": np.bool_(True)}
+                   "mask": np.bool_(True), "index": np.int32(index)}
         if self.missing_object_negatives:
             example["negative_image"] = images[1]
         if self.contrast_groups:
@@ -128,7 +130,7 @@ def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
     data = config.data
     if source is None:
         source = sources.data_source(sources.prepared_builder(data), split)
-    dataset = grain.MapDataset.source(source)
+    dataset = grain.MapDataset.source(source).map_with_index(WithPosition(len(source)))
     host_batch = host_batch_size(data.batch_size, process_count)
     prepare = PrepareExample(data, config.text, tokenizer, training)
     if training:
@@ -156,6 +158,35 @@ def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
             flags.FLAGS.mark_as_parsed()
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     return iterable
+
+
+class WithPosition(grain.transforms.MapWithIndex):
+    """record -> (its position in the split, record). Grain numbers the elements of a
+    repeated dataset on past its end, hence the modulo."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def map_with_index(self, index: int, record) -> tuple[int, dict]:
+        return index % self.count, record
+
+
+def evaluation_views(data_config, split: str, batch_size: int,
+                     source=None) -> Iterator[np.ndarray]:
+    """Every image of `split` in order as its evaluation view (the centred square at
+    `image_size`), in uint8 batches (b, S, S, 3), the last one shorter: what a token cache
+    encodes once. Read by this process alone, whole."""
+    if source is None:
+        source = sources.data_source(sources.prepared_builder(data_config), split)
+
+    def view(record) -> np.ndarray:
+        image = sources.as_rgb(sources.feature(record, data_config.image_key))
+        return augment.center_view(image, data_config.image_size)
+
+    dataset = grain.MapDataset.source(source).map(view).batch(batch_size)
+    return iter(dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=data_config.read_threads,
+                           prefetch_buffer_size=max(4, data_config.read_threads))))
 
 
 def pad_batch(batch: dict, size: int) -> dict:

@@ -9,13 +9,13 @@ from typing import Callable
 from dalle_jax.tasks.task import Task
 
 
-def _dvae(config, dvae) -> Task:
+def _dvae(config, dvae, token_table) -> Task:
     from dalle_jax.tasks.dvae import DVAETask
 
     return DVAETask(config)
 
 
-def _dalle(config, dvae) -> Task:
+def _dalle(config, dvae, token_table) -> Task:
     from dalle_jax.tasks.dalle import DalleTask
 
     if dvae is None:
@@ -24,10 +24,10 @@ def _dalle(config, dvae) -> Task:
                          "dVAE to turn its images into tokens" if not where else
                          "the transformer's task needs the trained dVAE of "
                          f"config.task.dvae_workdir={where!r} (pipeline.make_task loads it)")
-    return DalleTask(config, dvae)
+    return DalleTask(config, dvae, token_table)
 
 
-def _clip(config, dvae) -> Task:
+def _clip(config, dvae, token_table) -> Task:
     from dalle_jax.tasks.clip import ClipTask
 
     return ClipTask(config)
@@ -40,10 +40,11 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(config, *, dvae=None) -> Task:
+def get_task(config, *, dvae=None, token_table=None) -> Task:
     """The task of `config.task.name`. `dvae`: the trained dVAE (an `nnx.Module`, or its
-    abstract `nnx.eval_shape` to plan without one), for the tasks that read image tokens."""
+    abstract `nnx.eval_shape` to plan without one), for the tasks that read image tokens;
+    `token_table`: its tokens of every training image (`config.task.token_cache`)."""
     name = config.task.name
     if name not in TASKS:
         raise ValueError(f"config.task.name={name!r} is not one of {sorted(TASKS)}")
-    return TASKS[name](config, dvae)
+    return TASKS[name](config, dvae, token_table)

@@ -1,11 +1,17 @@
 """Training the DALL·E transformer: maximum likelihood of [caption | image tokens].
 
 Images become tokens inside the jitted step, through the frozen dVAE of an earlier run
-(`config.task.dvae_workdir`, loaded by whoever makes the task). Encoding in the step rather than in a cached pre-pass keeps the
+(`config.task.dvae_workdir`, loaded by whoever makes the task). Encoding in the step keeps the
 data pipeline one pipeline (the same augmented images, resumable iterator and sharding as every
-other stage) and costs one encoder forward per example, small beside the transformer's
-forward and backward; the dVAE's weights reach the step as the loop's `frozen` input, so they
-are neither trained nor compiled into the program as constants.
+other stage); the dVAE's weights reach the step as the loop's `frozen` input, so they are
+neither trained nor compiled into the program as constants.
+
+Where the training views never change (`config.task.token_cache`: no augmentation, as at
+32 px, where the data set's images are the views), every epoch would encode the same images
+to the same tokens again: the maker of the task encodes each training image once instead
+(`encode_all`) and the step looks its tokens up by the example's position in the split. The
+table rides in the frozen input beside the dVAE, whole on every device (int32, image_length
+per example: meant for data sets of thousands of images, not of millions).
 
 Loss: cross-entropy normalised separately over caption and image positions and weighted
 `text_loss_weight` / `image_loss_weight` (the paper's 1/8 and 7/8). Caption positions whose
@@ -14,6 +20,8 @@ With probability `caption_dropout` a caption is replaced by the empty one, so th
 learns p(image), which classifier-free guidance needs at sampling time.
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -52,18 +60,37 @@ def drop_captions(text: jax.Array, rng: jax.Array, probability: float) -> jax.Ar
     return jnp.where(drop[:, None], empty_captions(*text.shape), text)
 
 
+def encode_all(dvae: DVAE, image_batches: Iterable[np.ndarray]) -> np.ndarray:
+    """The dVAE's tokens (N, grid²) int32 of every image in `image_batches` (uint8 batches
+    (b, S, S, 3), in order): the table of `config.task.token_cache`."""
+    graphdef, state = nnx.split(dvae)
+
+    @jax.jit
+    def encode(state, images):
+        tokens = nnx.merge(graphdef, state).encode(images)
+        return tokens.reshape(tokens.shape[0], -1).astype(jnp.int32)
+
+    tables = [np.asarray(encode(state, images)) for images in image_batches]
+    if not tables:
+        raise ValueError("config.task.token_cache: the training split has no images to encode")
+    return np.concatenate(tables)
+
+
 class DalleTask(Task):
     name = "dalle"
 
-    def __init__(self, config, dvae: DVAE):
+    def __init__(self, config, dvae: DVAE, token_table: np.ndarray | None = None):
         """`dvae`: the trained dVAE whose encoder turns images into tokens, or its abstract
-        `nnx.eval_shape` where only shapes matter (planning a pod's memory)."""
+        `nnx.eval_shape` where only shapes matter (planning a pod's memory).
+        `token_table`: with `config.task.token_cache`, `encode_all` of the training split's
+        evaluation views, row i the tokens of the split's example i."""
         self.config = config
         task = config.task
         self.model_config = dalle_model.dalle_config(config.model, config.text,
                                                      config.train.compute_dtype)
         self._check_dvae_matches(dvae)
         self.dvae_graphdef, self.dvae_state = nnx.split(dvae)
+        self.token_table = self._checked_table(token_table)
         for key in ("text_loss_weight", "image_loss_weight"):
             if task[key] < 0:
                 raise ValueError(f"config.task.{key}={task[key]} must be >= 0")
@@ -80,6 +107,23 @@ class DalleTask(Task):
                 raise ValueError(f"{what}={ours} does not match the dVAE of "
                                  f"config.task.dvae_workdir={cfg.task.dvae_workdir!r} ({theirs})")
 
+    def _checked_table(self, table):
+        cached = bool(self.config.task.get("token_cache", False))
+        if table is None:
+            planning = all(isinstance(x, jax.ShapeDtypeStruct)
+                           for x in jax.tree.leaves(self.dvae_state))
+            if cached and not planning:
+                raise ValueError("config.task.token_cache=True needs the training split's token "
+                                 "table (pipeline.make_task encodes it)")
+            return None
+        if not cached:
+            raise ValueError("a token table was given but config.task.token_cache is False")
+        expected = (self.model_config.image_length,)
+        if table.ndim != 2 or table.shape[1:] != expected or table.dtype != np.int32:
+            raise ValueError(f"token table of shape {table.shape} and dtype {table.dtype}: "
+                             f"expected int32 (examples, {expected[0]})")
+        return table
+
     # --- the Task interface -------------------------------------------------------------
 
     def build_model(self, rngs: nnx.Rngs) -> dalle_model.DALLE:
@@ -93,13 +137,25 @@ class DalleTask(Task):
         return self.model_config.text_length + self.model_config.image_length
 
     def frozen_state(self) -> nnx.State:
-        """The dVAE's weights, which every step uses and none trains."""
-        return self.dvae_state
+        """The dVAE's weights, which every step uses and none trains, and the token table of
+        `config.task.token_cache` (replicated: it has no logical axes)."""
+        frozen = {"dvae": self.dvae_state}
+        if self.token_table is not None:
+            frozen["tokens"] = nnx.Variable(self.token_table)
+        return nnx.State(frozen)
 
     def image_tokens(self, batch) -> jax.Array:
-        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])
+        """The tokens (B, grid²) of the batch's images, encoded by the dVAE."""
+        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"]["dvae"])
         tokens = dvae.encode(batch["image"])
         return jax.lax.stop_gradient(tokens.reshape(tokens.shape[0], -1))
+
+    def training_tokens(self, batch) -> jax.Array:
+        """The image tokens of a training batch: looked up by the examples' positions in the
+        training split when they are cached, else encoded."""
+        if "tokens" not in batch["frozen"]:
+            return self.image_tokens(batch)
+        return jnp.take(batch["frozen"]["tokens"][...], batch["index"], axis=0)
 
     def _weighted(self, sums):
         task = self.config.task
@@ -110,7 +166,7 @@ class DalleTask(Task):
     def loss(self, model, batch, rng, step):
         del step
         text = drop_captions(batch["text"], rng, self.config.task.caption_dropout)
-        tokens = self.image_tokens(batch)
+        tokens = self.training_tokens(batch)
         text_logits, image_logits = model(text, tokens)
         sums = segment_nll_sums(text_logits, image_logits, text, tokens, batch["mask"])
         loss, text_loss, image_loss = self._weighted(sums)
@@ -130,7 +186,7 @@ class DalleTask(Task):
     def log_images(self, model, batch):
         """Rows of [original | its dVAE reconstruction | a sample for its caption]."""
         count = min(4, batch["image"].shape[0])
-        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"])
+        dvae = nnx.merge(self.dvae_graphdef, batch["frozen"]["dvae"])
         images = batch["image"][:count]
         tokens = dvae.encode(images)
         samples = sample_tokens_naively(model, batch["text"][:count], jax.random.key(0))

@@ -53,6 +53,12 @@ def load_or_train_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     return tokenizer
 
 
+def prepare_data(data_config):
+    """The data set's TFDS builder, built first by process 0 if it is not yet."""
+    return first_process_then_all("data", lambda: sources.prepared_builder(data_config),
+                                  lambda: sources.prepared_builder(data_config))
+
+
 def setup(config, workdir: str, root: str | None = None):
     """Validates the config, joins the other hosts, builds mesh, data set and tokenizer, and
     records the config in `workdir` (`root`: the pipeline workdir it is a stage of, if any)."""
@@ -66,8 +72,7 @@ def setup(config, workdir: str, root: str | None = None):
                          f"over the {ways} batch shards of mesh {dict(mesh.shape)}")
     files.check_writable(workdir)
     workdir_lib.write_config(config, workdir, root)
-    first_process_then_all("data", lambda: sources.prepared_builder(config.data),
-                           lambda: sources.prepared_builder(config.data))
+    prepare_data(config.data)
     tokenizer = load_or_train_tokenizer(config, workdir)
     return mesh, tokenizer
 
