@@ -1,6 +1,7 @@
 """The main job's train steps on this machine, each as a fraction of its matmul FLOP/s.
 
     python benchmarks/main_job_steps.py [--steps=30] [--stages=dvae,clip,grey_clip,dalle]
+        [--config.dalle.task.token_cache=False ...]
 
 Every stage of `configs/pipeline_mini.py` (with its overrides: the dVAE's schedules, CLIP's hard
 negatives, the grey CLIP's views) runs its real train step (the loop's compiled step: AdamW,
@@ -22,7 +23,8 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from dalle_jax import host  # noqa: E402
 
 host.use_huge_pages()  # as the commands run (dalle_jax/host.py)
@@ -30,6 +32,7 @@ host.use_huge_pages()  # as the commands run (dalle_jax/host.py)
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from common import matmul_flops_per_second  # noqa: E402
 from dalle_jax import config_lib, pipeline, tasks  # noqa: E402
@@ -39,6 +42,9 @@ from dalle_jax.training import loop  # noqa: E402
 flags.DEFINE_integer("steps", 30, "Steps timed per round and timing.")
 flags.DEFINE_integer("rounds", 2, "Rounds of the two timings, taking turns.")
 flags.DEFINE_list("stages", ["dvae", "clip", "grey_clip", "dalle"], "Stages to measure.")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "pipeline_mini.py"),
+    "The pipeline config whose stages are measured; overrides as for train.py.")
 FLAGS = flags.FLAGS
 
 
@@ -74,26 +80,28 @@ def measure(stage: str, config, workdir: str, steps: int, rounds: int) -> dict:
     batches.close()
     result = {"flops": flops, **best, "batch": stage_config.data.batch_size}
     if stage == "dalle":
-        result["encode"] = encode_seconds(trainer, batch, steps)
+        with trainer.batches(stage_config.data.eval_split, training=False) as eval_batches:
+            images = next(eval_batches)["image"]  # training batches have none with a cache
+        result["encode"] = encode_seconds(trainer, images, steps)
     return result
 
 
-def encode_seconds(trainer, batch, calls: int) -> float:
+def encode_seconds(trainer, images, calls: int) -> float:
     """Seconds of the transformer step's own dVAE encoding of one batch, compiled alone."""
     task = trainer.task
     encode = jax.jit(lambda frozen, images: nnx.merge(task.dvae_graphdef,
                                                       frozen["dvae"]).encode(images))
-    jax.block_until_ready(encode(trainer.frozen, batch["image"]))
+    jax.block_until_ready(encode(trainer.frozen, images))
     start = time.perf_counter()
     for _ in range(calls):
-        tokens = encode(trainer.frozen, batch["image"])
+        tokens = encode(trainer.frozen, images)
     jax.block_until_ready(tokens)
     return (time.perf_counter() - start) / calls
 
 
 def main(argv):
     del argv
-    config = config_lib.load("pipeline_mini")
+    config = FLAGS.config
     with tempfile.TemporaryDirectory() as workdir:
         pipeline.train_tokenizer(config, workdir)
         print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}; "

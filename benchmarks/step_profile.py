@@ -36,10 +36,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from dalle_jax import config_lib, pipeline  # noqa: E402
+from dalle_jax import pipeline  # noqa: E402
 from dalle_jax.data import input_pipeline, sources  # noqa: E402
 
-# --stages (which stages) is main_job_steps' flag.
+# --stages (which stages) and --config (the pipeline config) are main_job_steps' flags.
 flags.DEFINE_integer("trace_steps", 5, "Steps traced per stage.")
 flags.DEFINE_integer("top", 12, "Longest operations listed per stage.")
 flags.DEFINE_integer("host_examples", 640, "Examples timed for the host's work.")
@@ -147,7 +147,7 @@ def profile_host(stage_config, trainer, examples: int) -> str:
 
 def main(argv):
     del argv
-    config = config_lib.load("pipeline_mini")
+    config = FLAGS.config  # main_job_steps' flag, with its overrides
     with tempfile.TemporaryDirectory() as workdir:
         pipeline.train_tokenizer(config, workdir)
         print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}; "

@@ -79,6 +79,13 @@ def test_examples_carry_their_position_and_fixed_views_are_the_evaluation_views(
     evaluation = take(input_pipeline.make_loader(config, "validation", mini_tokenizer,
                                                  training=False), 2)
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in evaluation]), np.arange(64))
+    # A step that reads no images (a cached one) gets the same examples without them.
+    without = take(input_pipeline.make_loader(config, "train", mini_tokenizer, training=True,
+                                              images=False), 20)
+    for batch, full in zip(without, epochs):
+        assert sorted(batch) == ["index", "mask", "text"]
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], full[key])
 
 
 @pytest.mark.parametrize("process_count", [2, 3])

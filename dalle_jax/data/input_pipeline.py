@@ -38,8 +38,12 @@ class PrepareExample(grain.transforms.RandomMap):
     (one of `synthetic_shapes.removals`, uniformly), which the caption no longer describes
     (every example has one; the CLIP task uses those of the batch's first N)."""
 
-    def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool):
+    def __init__(self, data_config, text_config, tokenizer: Tokenizer, training: bool,
+                 images: bool = True):
+        """`images=False`: examples without 'image' (a step that reads none, e.g. one that
+        looks its image tokens up in a cache), the records' images left undecoded."""
         self.data_config = data_config
+        self.images = images
         self.tokenizer = tokenizer
         self.text_length = text_config.length
         self.bpe_dropout = text_config.bpe_dropout if training else 0.0
@@ -48,6 +52,9 @@ class PrepareExample(grain.transforms.RandomMap):
         self.contrast_excluded = tuple(data_config.get("contrast_excluded", ()))
         self.contrast_count = int(data_config.get("contrast_count", 1))
         self.missing_object_negatives = data_config.get("missing_object_negatives", 0) > 0
+        if not images and (self.contrast_groups or self.missing_object_negatives):
+            raise ValueError("config.data.contrast_words and missing_object_negatives make "
+                             "CLIP's negatives, which need the examples' images")
 
     def _tokens(self, caption: str, rng: np.random.Generator) -> np.ndarray:
         return self.tokenizer.encode(caption, self.text_length, dropout=self.bpe_dropout,
@@ -56,6 +63,11 @@ class PrepareExample(grain.transforms.RandomMap):
     def random_map(self, indexed, rng: np.random.Generator):
         index, record = indexed
         cfg = self.data_config
+        if not self.images:
+            caption = sources.pick_caption(sources.feature(record, cfg.caption_key),
+                                           rng if self.training else None)
+            return {"text": self._tokens(caption, rng), "mask": np.bool_(True),
+                    "index": np.int32(index)}
         image, caption = sources.image_and_caption(record, cfg, rng if self.training else None)
         images = [image]
         if self.missing_object_negatives:
@@ -112,9 +124,10 @@ def host_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
-                process_index: int | None = None, process_count: int | None = None,
-                source=None) -> grain.IterDataset:
-    """This process's part of `split` as a Grain dataset of host-local batches.
+                images: bool = True, process_index: int | None = None,
+                process_count: int | None = None, source=None) -> grain.IterDataset:
+    """This process's part of `split` as a Grain dataset of host-local batches (without
+    'image' when not `images`).
 
     Training streams reshuffle every epoch, forever, and are one global stream for any number
     of processes: it is cut into host-sized pieces that the processes take in turn, so global
@@ -129,10 +142,11 @@ def make_loader(config, split: str, tokenizer: Tokenizer, *, training: bool,
     process_count = jax.process_count() if process_count is None else process_count
     data = config.data
     if source is None:
-        source = sources.data_source(sources.prepared_builder(data), split)
+        source = sources.data_source(sources.prepared_builder(data), split,
+                                     decode_images=images)
     dataset = grain.MapDataset.source(source).map_with_index(WithPosition(len(source)))
     host_batch = host_batch_size(data.batch_size, process_count)
-    prepare = PrepareExample(data, config.text, tokenizer, training)
+    prepare = PrepareExample(data, config.text, tokenizer, training, images)
     if training:
         if len(dataset) < data.batch_size:
             raise ValueError(f"split {split!r} has {len(dataset)} examples, fewer than "
@@ -295,8 +309,8 @@ class GlobalBatches:
 
 
 def global_batches(config, split: str, mesh: jax.sharding.Mesh, tokenizer: Tokenizer, *,
-                   training: bool) -> GlobalBatches:
-    loader = make_loader(config, split, tokenizer, training=training)
+                   training: bool, images: bool = True) -> GlobalBatches:
+    loader = make_loader(config, split, tokenizer, training=training, images=images)
     return GlobalBatches(loader, mesh, config.sharding.rules,
                          host_batch_size(config.data.batch_size, jax.process_count()),
                          prefetch=config.data.prefetch)

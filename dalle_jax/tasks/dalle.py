@@ -136,6 +136,9 @@ class DalleTask(Task):
     def tokens_per_example(self) -> int:
         return self.model_config.text_length + self.model_config.image_length
 
+    def reads_training_images(self) -> bool:
+        return self.token_table is None
+
     def frozen_state(self) -> nnx.State:
         """The dVAE's weights, which every step uses and none trains, and the token table of
         `config.task.token_cache` (replicated: it has no logical axes)."""

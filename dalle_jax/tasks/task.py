@@ -59,6 +59,11 @@ class Task(abc.ABC):
         reconstructions; None: no images."""
         return None
 
+    def reads_training_images(self) -> bool:
+        """Whether the train step reads its batches' images; False spares the input pipeline
+        their decoding (the transformer with a token cache)."""
+        return True
+
     def frozen_state(self) -> nnx.State | None:
         """Fixed inputs besides the task's own parameters (the transformer's dVAE), or None.
 

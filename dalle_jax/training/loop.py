@@ -211,8 +211,9 @@ class Trainer:
         return self.compiled_train_step(state, batch, self.frozen)
 
     def batches(self, split: str, training: bool) -> input_pipeline.GlobalBatches:
+        images = not training or self.task.reads_training_images()
         return input_pipeline.global_batches(self.config, split, self.mesh, self.tokenizer,
-                                             training=training)
+                                             training=training, images=images)
 
     def evaluate(self, state) -> dict[str, float]:
         params = step_lib.eval_params(state)
