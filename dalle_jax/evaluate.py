@@ -47,6 +47,7 @@ class Options:
     batch_size: int = 128  # images per compiled call
     seed: int = 0
     reference_examples: int = 500  # examples for the dVAE and CLIP figures (per split)
+    splits: tuple[str, ...] = SPLITS  # whose captions are drawn and judged
 
     def check(self) -> None:
         """A one-line ValueError for the first bad value, before any model is loaded."""
@@ -54,6 +55,9 @@ class Options:
         if self.captions < 1 or self.candidates < 1 or self.batch_size < 1:
             raise ValueError(f"captions={self.captions}, candidates={self.candidates} and "
                              f"batch_size={self.batch_size} must be positive")
+        unknown = [split for split in self.splits if split not in SPLITS]
+        if unknown or not self.splits:
+            raise ValueError(f"splits={','.join(self.splits)} must be some of {','.join(SPLITS)}")
         if not 1 <= self.keep <= self.candidates:
             raise ValueError(f"keep={self.keep} must be between 1 and candidates="
                              f"{self.candidates}")
@@ -80,6 +84,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("reference_examples", defaults.reference_examples,
                          "Examples for the dVAE and CLIP figures (the missing-object check "
                          "takes as many of each split).")
+    flags.DEFINE_list("splits", list(defaults.splits), "Splits whose captions are judged.")
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -177,7 +182,7 @@ def evaluate(workdir: str, options: Options = Options()) -> dict:
     report = {"workdir": files_lib.absolute(workdir), "settings": dataclasses.asdict(options),
               "splits": {}}
     start = time.time()
-    for split in SPLITS:
+    for split in options.splits:
         examples = load_examples(config, split)
         chosen = captions_lib.distinct_captions(examples.captions, options.captions)
 
@@ -221,7 +226,7 @@ def main(argv) -> None:
         captions=flags.FLAGS.captions, candidates=flags.FLAGS.candidates, keep=flags.FLAGS.keep,
         temperature=flags.FLAGS.temperature, top_k=flags.FLAGS.top_k, top_p=flags.FLAGS.top_p,
         batch_size=flags.FLAGS.batch_size, seed=flags.FLAGS.seed,
-        reference_examples=flags.FLAGS.reference_examples)
+        reference_examples=flags.FLAGS.reference_examples, splits=tuple(flags.FLAGS.splits))
     try:
         options = dataclasses.replace(options, guidance=guidance_scales(flags.FLAGS.guidance))
         evaluate(flags.FLAGS.workdir, options)

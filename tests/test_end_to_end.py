@@ -270,6 +270,11 @@ def test_evaluate_reports_every_setting_and_stage(pipeline_run, capsys):
     assert printed.index("[heldout] guidance 2, best 1 of 2 by CLIP: match ") < printed.index("# Evaluation")
     assert "2 images per caption, temperature 0.7, top_k 0" in text
     assert "position" in text and "relation (true caption over the reversed one)" in text
+    # One split only: its captions, none of the other's.
+    heldout = evaluate.evaluate(pipeline_run, evaluate.Options(
+        captions=2, candidates=2, guidance=(), batch_size=8, reference_examples=8,
+        splits=("heldout",)))
+    assert list(heldout["splits"]) == ["heldout"] and heldout["splits"]["heldout"]["captions"] == 2
     with pytest.raises(ValueError, match="keep=3"):
         evaluate.evaluate(pipeline_run, evaluate.Options(candidates=2, keep=3))
     with pytest.raises(ValueError, match="temperature=-1"):
@@ -280,6 +285,8 @@ def test_evaluate_reports_every_setting_and_stage(pipeline_run, capsys):
     (["--candidates=2", "--keep=3"],
      "dalle_jax.evaluate: keep=3 must be between 1 and candidates=2"),
     (["--guidance=2,x"], "dalle_jax.evaluate: --guidance=2,x must be comma-separated numbers"),
+    (["--splits=heldout,train"],
+     "dalle_jax.evaluate: splits=heldout,train must be some of validation,heldout"),
 ])
 def test_evaluate_command_names_a_bad_flag_in_one_line(tmp_path, flags, message):
     result = subprocess.run([sys.executable, "-m", "dalle_jax.evaluate",
