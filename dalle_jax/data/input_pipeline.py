@@ -185,13 +185,11 @@ class WithPosition(grain.transforms.MapWithIndex):
         return index % self.count, record
 
 
-def evaluation_views(data_config, split: str, batch_size: int,
-                     source=None) -> Iterator[np.ndarray]:
+def evaluation_views(data_config, split: str, batch_size: int) -> Iterator[np.ndarray]:
     """Every image of `split` in order as its evaluation view (the centred square at
     `image_size`), in uint8 batches (b, S, S, 3), the last one shorter: what a token cache
     encodes once. Read by this process alone, whole."""
-    if source is None:
-        source = sources.data_source(sources.prepared_builder(data_config), split)
+    source = sources.data_source(sources.prepared_builder(data_config), split)
 
     def view(record) -> np.ndarray:
         image = sources.as_rgb(sources.feature(record, data_config.image_key))
