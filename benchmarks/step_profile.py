@@ -16,20 +16,16 @@ decoding a record, and preparing it (augmentation, tokenisation, CLIP's hard neg
 negative image), and what that comes to per batch. In training it runs beside the step on the
 same cores.
 """
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
 
-# Per-operation trace events must be on before XLA's CPU client starts.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_enable_xprof_traceme=true").strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_trace  # noqa: E402
+
+# Per-operation trace events must be on before XLA's CPU client starts.
+xla_trace.enable_operation_events()
 import main_job_steps  # noqa: E402  (sets up the path and the huge-page restart)
 
 import jax  # noqa: E402
@@ -45,54 +41,6 @@ flags.DEFINE_integer("top", 12, "Longest operations listed per stage.")
 flags.DEFINE_integer("host_examples", 640, "Examples timed for the host's work.")
 FLAGS = flags.FLAGS
 
-# Trace events that are not XLA operations: Python frames, the executor, the dispatch.
-NOT_OPERATIONS = ("$", "ThunkExecutor", "PjitFunction", "ParseArguments", "end: ",
-                  "CommonPjRt", "SlinkyThreadPool")
-
-
-def operation_seconds(trace_dir: str) -> collections.Counter:
-    """Seconds per XLA operation name, summed over the trace."""
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"),
-                            recursive=True))[-1]
-    with gzip.open(path) as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    seconds = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and not event["name"].startswith(NOT_OPERATIONS):
-            seconds[event["name"]] += event.get("dur", 0) / 1e6
-    return seconds
-
-
-def kind(name: str) -> str:
-    """An operation's kind: its name without XLA's numbering ('ynn_fusion.12' -> 'ynn_fusion')."""
-    return re.sub(r"\.\d+$", "", name)
-
-
-def describe(name: str, hlo: str) -> str:
-    """Output shape, what the operation computes and where in the model it comes from."""
-    line = re.search(rf"^\s*(?:ROOT )?%{re.escape(name)} = (\S+) .*$", hlo, re.M)
-    if line is None:
-        return ""
-    text = line.group(0)
-    source = re.search(r'op_name="([^"]*)"', text)
-    what = ""
-    called = re.search(r"calls=%([\w.\-]+)", text)
-    if called:
-        body = re.search(rf"^%{re.escape(called.group(1))} .*?^}}", hlo, re.M | re.S)
-        if body:
-            root = re.search(r"ROOT \S+ = \S+ (\w[\w-]*)\(", body.group(0))
-            operands = re.findall(r"parameter\(\d+\)", body.group(0))
-            shapes = re.findall(r"= (\S+) parameter\(", body.group(0))
-            window = re.search(r"window=\{[^}]*\}", body.group(0))
-            what = (f"{root.group(1) if root else '?'}"
-                    f"{' ' + window.group(0) if window else ''} of "
-                    f"{', '.join(s.split('{')[0] for s in shapes[:3])}"
-                    f"{' …' if len(operands) > 3 else ''}")
-    return (f"{line.group(1).split('{')[0]} | {what} | "
-            f"{source.group(1)[-70:] if source else ''}")
-
-
 def profile_step(stage_config, trainer, steps: int, top: int) -> None:
     batches = trainer.batches(stage_config.data.train_split, training=True)
     state = trainer.init_state()
@@ -102,30 +50,26 @@ def profile_step(stage_config, trainer, steps: int, top: int) -> None:
     for _ in range(3):  # warm
         state, metrics = trainer.train_step(state, batch)
     jax.block_until_ready(metrics)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = trainer.train_step(state, batch)
-            jax.block_until_ready(metrics)
-            wall = (time.perf_counter() - start) / steps
-        seconds = operation_seconds(trace_dir)
+    with xla_trace.traced_operations() as seconds:
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        wall = (time.perf_counter() - start) / steps
     hlo = trainer.compiled_train_step.as_text()
     total = sum(seconds.values()) / steps
-    by_kind = collections.Counter()
-    for name, s in seconds.items():
-        by_kind[kind(name)] += s / steps
+    by_kind = {name: s / steps for name, s in xla_trace.by_kind(seconds).items()}
     print(f"\n## {trainer.task.name}, batch {stage_config.data.batch_size}: {1e3 * wall:.1f} ms "
           f"a step (traced), XLA operations {1e3 * total:.1f} ms summed\n")
     print("| kind of operation | ms a step | share of the summed time |\n|---|---|---|")
-    for name, s in by_kind.most_common(8):
+    for name, s in sorted(by_kind.items(), key=lambda x: -x[1])[:8]:
         print(f"| {name} | {1e3 * s:.1f} | {s / total:.2f} |")
     copies = sum(s for name, s in by_kind.items() if "copy" in name or "transpose" in name)
     print(f"| every layout copy (kinds named copy or transpose) | {1e3 * copies:.1f} | "
           f"{copies / total:.2f} |")
     print("\n| longest operations | ms a step | output, computes, from |\n|---|---|---|")
     for name, s in seconds.most_common(top):
-        print(f"| {name} | {1e3 * s / steps:.2f} | {describe(name, hlo)} |")
+        print(f"| {name} | {1e3 * s / steps:.2f} | {xla_trace.describe(name, hlo)} |")
 
 
 def profile_host(stage_config, trainer, examples: int) -> str:
