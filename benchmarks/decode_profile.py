@@ -26,8 +26,6 @@ xla_trace.enable_operation_events()
 import decode_speed  # noqa: E402  (the model flags and builders)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -52,22 +50,6 @@ def step_flops(model, batch: int) -> float:
     return batch * (2 * (matmul_params + model.image_head[...].size) + attention)
 
 
-def isolated_step_seconds(graphdef, state, model, batch: int, repeats: int) -> float:
-    """Mean over the first image row of the best-of-`repeats` jitted decode_step."""
-    step = jax.jit(lambda st, token, a, cache: nnx.merge(graphdef, st).decode_step(
-        token, a, cache), donate_argnums=3)
-    token = jnp.zeros((batch,), jnp.int32)
-    _, cache = step(state, token, jnp.int32(1), model.init_cache(batch))
-    best = {}
-    for _ in range(repeats):
-        for a in range(1, model.cfg.grid_size):
-            start = time.perf_counter()
-            logits, cache = step(state, token, jnp.int32(a), cache)
-            jax.block_until_ready((logits, cache))
-            best[a] = min(best.get(a, float("inf")), time.perf_counter() - start)
-    return float(np.mean(list(best.values())))
-
-
 def profile(graphdef, state, model, batch: int, bandwidth: float, matmul: float) -> None:
     cfg = model.cfg
     steps = cfg.image_length - 1
@@ -76,7 +58,8 @@ def profile(graphdef, state, model, batch: int, bandwidth: float, matmul: float)
     start = time.perf_counter()
     jax.block_until_ready(run())
     loop = (time.perf_counter() - start) / steps
-    isolated = isolated_step_seconds(graphdef, state, model, batch, FLAGS.repeats)
+    isolated = decode_speed.position_times(graphdef, state, model, batch, FLAGS.repeats,
+                                           ("sparse",))["sparse"]["first"]
     read = decode_speed.parameter_bytes(model) + decode_speed.cache_read_bytes(
         model, batch, "sparse")
     memory_bound, flops = read / bandwidth, step_flops(model, batch)

@@ -121,7 +121,8 @@ def memory_line(compiled) -> str:
            f"{parts[2]:.1f})"
 
 
-def position_times(graphdef, state, model, batch: int, repeats: int) -> dict:
+def position_times(graphdef, state, model, batch: int, repeats: int,
+                   implementations=IMPLEMENTATIONS) -> dict:
     """{implementation: {"first"/"last": mean over the row of the best per-position time}}."""
     def step(st, token, a, cache, implementation):
         return nnx.merge(graphdef, st).decode_step(token, a, cache, implementation)
@@ -130,21 +131,21 @@ def position_times(graphdef, state, model, batch: int, repeats: int) -> dict:
     rows = {"first": list(range(1, g)), "last": list(range(n - g, n - 1))}
     token = jnp.zeros((batch,), jnp.int32)
     steps, caches, best = {}, {}, {}
-    for impl in IMPLEMENTATIONS:
+    for impl in implementations:
         steps[impl] = jax.jit(functools.partial(step, implementation=impl), donate_argnums=3)
         _, caches[impl] = steps[impl](state, token, jnp.int32(1), model.init_cache(batch))
         best[impl] = {}
     for _ in range(repeats):
         for pair in zip(rows["first"], rows["last"]):  # the two rows and paths take turns
             for a in pair:
-                for impl in IMPLEMENTATIONS:
+                for impl in implementations:
                     start = time.perf_counter()
                     logits, caches[impl] = steps[impl](state, token, jnp.int32(a), caches[impl])
                     jax.block_until_ready((logits, caches[impl]))
                     seconds = time.perf_counter() - start
                     best[impl][a] = min(best[impl].get(a, float("inf")), seconds)
     return {impl: {row: float(np.mean([best[impl][a] for a in positions]))
-                   for row, positions in rows.items()} for impl in IMPLEMENTATIONS}
+                   for row, positions in rows.items()} for impl in implementations}
 
 
 def parameter_bytes(model) -> int:
