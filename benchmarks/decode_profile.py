@@ -44,8 +44,7 @@ def step_flops(model, batch: int) -> float:
     cfg, b = model.cfg, model.cfg.block
     matmul_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.stack, nnx.Param))
                         if x.ndim >= 3)  # [layers, in, out...]: weights, not norms or biases
-    entries = sum(attention_lib.decode_keys(kind, cfg.layout, 0)[0].shape[0]
-                  for kind in cfg.layer_kinds)
+    entries = sum(attention_lib.decode_read_length(kind, cfg.layout) for kind in cfg.layer_kinds)
     attention = 4 * b.num_heads * b.head_dim * entries
     return batch * (2 * (matmul_params + model.image_head[...].size) + attention)
 

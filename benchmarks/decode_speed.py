@@ -123,24 +123,31 @@ def memory_line(compiled) -> str:
 
 def position_times(graphdef, state, model, batch: int, repeats: int,
                    implementations=IMPLEMENTATIONS) -> dict:
-    """{implementation: {"first"/"last": mean over the row of the best per-position time}}."""
-    def step(st, token, a, cache, implementation):
-        return nnx.merge(graphdef, st).decode_step(token, a, cache, implementation)
+    """{implementation: {"first"/"last": mean over the row of the best per-position time}}.
+
+    The step reads the layers' weights as the sampling loop does: split once (outside the
+    timing) by `decode_weights`, passed in."""
+    def step(st, weights, token, a, cache, implementation):
+        return nnx.merge(graphdef, st).decode_step(token, a, cache, implementation,
+                                                   weights=weights)
 
     g, n = model.cfg.grid_size, model.cfg.image_length
     rows = {"first": list(range(1, g)), "last": list(range(n - g, n - 1))}
     token = jnp.zeros((batch,), jnp.int32)
+    weights = jax.jit(lambda st: nnx.merge(graphdef, st).decode_weights())(state)
     steps, caches, best = {}, {}, {}
     for impl in implementations:
-        steps[impl] = jax.jit(functools.partial(step, implementation=impl), donate_argnums=3)
-        _, caches[impl] = steps[impl](state, token, jnp.int32(1), model.init_cache(batch))
+        steps[impl] = jax.jit(functools.partial(step, implementation=impl), donate_argnums=4)
+        _, caches[impl] = steps[impl](state, weights, token, jnp.int32(1),
+                                      model.init_cache(batch))
         best[impl] = {}
     for _ in range(repeats):
         for pair in zip(rows["first"], rows["last"]):  # the two rows and paths take turns
             for a in pair:
                 for impl in implementations:
                     start = time.perf_counter()
-                    logits, caches[impl] = steps[impl](state, token, jnp.int32(a), caches[impl])
+                    logits, caches[impl] = steps[impl](state, weights, token, jnp.int32(a),
+                                                       caches[impl])
                     jax.block_until_ready((logits, caches[impl]))
                     seconds = time.perf_counter() - start
                     best[impl][a] = min(best[impl].get(a, float("inf")), seconds)
@@ -157,11 +164,11 @@ def parameter_bytes(model) -> int:
 
 
 def cache_read_bytes(model, batch: int, implementation: str) -> int:
-    """Key + value bytes the decode step's gathers read, summed over the layers."""
+    """Key + value bytes the decode step's cache reads take, summed over the layers."""
     from dalle_jax.models import attention as attention_lib
 
     b = model.cfg.block
-    entries = sum(attention_lib.decode_keys(kind, model.cfg.layout, 0, implementation)[0].shape[0]
+    entries = sum(attention_lib.decode_read_length(kind, model.cfg.layout, implementation)
                   for kind in model.cfg.layer_kinds)
     return 2 * batch * entries * b.num_heads * b.head_dim * 4
 

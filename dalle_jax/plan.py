@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from dalle_jax import cli, config_lib, files, tasks
 from dalle_jax import workdir as workdir_lib
+from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import dalle as dalle_model
 from dalle_jax.models import dvae as dvae_model
 from dalle_jax.sharding import logical, mesh as mesh_lib
@@ -224,12 +225,8 @@ class SamplingPlan:
 def cache_read_bytes_per_step(cfg, streams_per_device: int, heads_per_device: int,
                               itemsize: int) -> int:
     """Bytes of keys and values one decode step reads on a device: every layer reads the
-    caption and its own window (models/attention.py, `decode_keys`), not the whole cache."""
-    layout = cfg.layout
-    window = {"row": layout.grid_w + 1, "column": layout.grid_h,
-              "conv": (layout.conv_kernel // 2 + 1) * layout.conv_kernel,
-              "causal": layout.image_len}
-    entries = sum(layout.text_len + window[kind] for kind in cfg.layer_kinds)
+    caption and its own window (models/attention.py, `decode_window`), not the whole cache."""
+    entries = sum(attention_lib.decode_read_length(kind, cfg.layout) for kind in cfg.layer_kinds)
     return 2 * entries * streams_per_device * heads_per_device * cfg.block.head_dim * itemsize
 
 
@@ -266,12 +263,11 @@ def make_sampling_plan(config, batch: int, guided: bool, dtype: str = "bfloat16"
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     state = nnx.merge_state(workdir_lib.cast_floating(params, dtype), rest)
     state = state_lib.abstract_arrays(state, logical.state_shardings(state, mesh, rules))
-    cache_names = ("layers", "batch", "length", "heads", "kv")
-    cache_shape = jax.eval_shape(lambda: abstract.init_cache(streams))
-    cache_sharding = jax.sharding.NamedSharding(mesh, logical.fit_spec(
-        logical.logical_to_spec(cache_names, rules), cache_shape[0].shape, mesh))
-    cache = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding)
-                  for c in cache_shape)
+    cache_spec = logical.logical_to_spec(dalle_model.CACHE_NAMES, rules)
+    cache = jax.tree.map(
+        lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=jax.sharding.NamedSharding(
+            mesh, logical.fit_spec(cache_spec, c.shape, mesh))),
+        jax.eval_shape(lambda: abstract.init_cache(streams)))
     text = jax.ShapeDtypeStruct((streams, config.text.length), np.int32,
                                 sharding=logical.batch_sharding(mesh, rules, 2))
     token = jax.ShapeDtypeStruct((streams,), np.int32,
@@ -291,7 +287,8 @@ def make_sampling_plan(config, batch: int, guided: bool, dtype: str = "bfloat16"
     prefill_memory, decode_memory = prefilled.memory_analysis(), stepped.memory_analysis()
     cfg = abstract.cfg
     streams_per_device = streams // ways
-    heads_per_device = cache_sharding.shard_shape(cache[0].shape)[3]
+    some_cache = cache[0].image_keys
+    heads_per_device = some_cache.sharding.shard_shape(some_cache.shape)[1]
     return SamplingPlan(
         config_name=config_name, mesh=dict(mesh.shape), batch=batch, guided=guided,
         dtype=str(jnp.dtype(dtype)), image_length=cfg.image_length,
@@ -302,7 +299,7 @@ def make_sampling_plan(config, batch: int, guided: bool, dtype: str = "bfloat16"
         peak_bytes=max(peak_bytes(prefill_memory), peak_bytes(decode_memory)),
         read_bytes_per_step=gathered_bytes(state, logical.batch_axes(rules))
         + cache_read_bytes_per_step(cfg, streams_per_device, heads_per_device,
-                                    jnp.dtype(cache[0].dtype).itemsize))
+                                    jnp.dtype(some_cache.dtype).itemsize))
 
 
 def format_sampling_plan(plan: SamplingPlan, bandwidth_fraction: float) -> str:

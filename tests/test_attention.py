@@ -122,18 +122,27 @@ def test_causal_layers_and_an_unknown_pattern():
         attn.layer_kinds(3, "dense")
 
 
+@pytest.mark.parametrize("layout", [Layout(3, 4, 5, conv_kernel=3),
+                                    Layout(2, 3, 4, conv_kernel=11)],  # kernel wider than the grid
+                         ids=["3x3 kernel", "kernel beyond the grid"])
 @pytest.mark.parametrize("kind", attn.DECODE_KINDS)
-def test_decode_keys_are_the_mask_row_of_the_query(kind):
-    """The positions a decode step reads, with their validity, select exactly the keys the
-    layer's mask gives the query (what the training forward sees)."""
-    layout = Layout(3, 4, 5, conv_kernel=3)
+def test_a_decode_window_reads_the_mask_row_of_the_query(kind, layout):
+    """The image positions a decode step slices out of the cache, with their validity, plus
+    every text position, select exactly the keys the layer's mask gives the query (what the
+    training forward sees); and the slice reads the positions the window names."""
     mask = attn.dense_mask(kind, layout)
+    t, n = layout.text_len, layout.image_len
+    raster = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, None, :, None], (1, 1, n, 2))
     for implementation in ("sparse", "dense"):
-        for a in range(layout.image_len):
-            positions, valid = attn.decode_keys(kind, layout, a, implementation)
+        for a in range(n):
+            window = attn.decode_window(kind, layout, a, implementation)
+            positions = np.asarray(window.positions)
+            np.testing.assert_array_equal(np.asarray(window.read(raster))[0, 0, :, 0], positions)
             seen = np.zeros(layout.length, bool)
-            seen[np.asarray(positions)[np.asarray(valid)]] = True
-            np.testing.assert_array_equal(seen, mask[layout.text_len + a], err_msg=f"{a}")
+            seen[:t] = True
+            seen[t + positions[np.asarray(window.valid)]] = True
+            np.testing.assert_array_equal(seen, mask[t + a], err_msg=f"{implementation} {a}")
+            assert len(positions) + t == attn.decode_read_length(kind, layout, implementation)
 
 
 @pytest.mark.parametrize("kwargs, field", [

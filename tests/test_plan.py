@@ -116,11 +116,13 @@ def test_sampling_plan_of_dalle_mini_equals_its_real_arrays():
         cache = jax.jit(lambda: model.init_cache(16))()
     assert plan.param_bytes == device0_bytes(placed)
     assert plan.cache_bytes == device0_bytes(cache)
-    assert cache[0].addressable_shards[0].data.shape == (4, 8, 88, 1, 32)  # 16/2 streams, 4/4 heads
+    # 16/2 streams, 4/4 heads, the caption's 24 and the image's 64 positions
+    assert cache[0].text_keys.addressable_shards[0].data.shape == (8, 1, 24, 32)
+    assert cache[0].image_keys.addressable_shards[0].data.shape == (8, 1, 64, 32)
 
-    # Bytes read: per layer, the cache positions `decode_keys` gathers for a query.
+    # Bytes read: per layer, the caption and the image positions `decode_window` slices.
     cfg, layout = model.cfg, model.cfg.layout
-    entries = sum(len(attention_lib.decode_keys(kind, layout, 27)[0])
+    entries = sum(layout.text_len + len(attention_lib.decode_window(kind, layout, 27).positions)
                   for kind in cfg.layer_kinds)
     cache_reads = 2 * entries * 8 * 1 * cfg.block.head_dim * 4  # k and v, 8 streams, 1 head
     # FSDP is 1 here: every weight is read as its device holds it.

@@ -31,19 +31,22 @@ def for_inference(small, dtype):
     return cast
 
 
-def cached_logits(model, text, tokens, implementation):
+def cached_logits(model, text, tokens, implementation, split_weights=False):
     """The image logits of a prefill and a decode step per given token (teacher forcing
-    through the cache)."""
+    through the cache); with `split_weights`, the layers' weights split once before the loop
+    (`DALLE.decode_weights`) as the sampler does on a CPU, else sliced at every step."""
     n, vocab = model.cfg.image_length, model.cfg.image_vocab_size
 
     @nnx.jit
     def run(model, text, tokens):
         first, cache = model.prefill(text, model.init_cache(text.shape[0]))
         out = jnp.zeros((text.shape[0], n, vocab)).at[:, 0].set(first)
+        weights = model.decode_weights() if split_weights else None
 
         def step(a, carry):
             cache, out = carry
-            logits, cache = model.decode_step(tokens[:, a], a, cache, implementation)
+            logits, cache = model.decode_step(tokens[:, a], a, cache, implementation,
+                                              weights=weights)
             return cache, out.at[:, a + 1].set(logits)
 
         return jax.lax.fori_loop(0, n - 1, step, (cache, out))[1]
@@ -58,15 +61,16 @@ def cached_logits(model, text, tokens, implementation):
 CACHED_ATOL = {"float32": 2e-5, "bfloat16": 6e-3}
 
 
-@pytest.mark.parametrize("implementation, dtype", [("sparse", "float32"), ("dense", "float32"),
-                                                   ("sparse", "bfloat16")])
+@pytest.mark.parametrize("implementation, dtype, split_weights", [
+    ("sparse", "float32", False), ("sparse", "float32", True), ("dense", "float32", True),
+    ("sparse", "bfloat16", True)])
 def test_cached_logits_equal_the_teacher_forced_forward_at_every_step(small, implementation,
-                                                                       dtype):
+                                                                       dtype, split_weights):
     cfg, _ = small
     model = for_inference(small, dtype)
     text, tokens = captions(cfg, [2, 3]), image_tokens(cfg, 2)
     _, teacher_forced = nnx.jit(lambda m, t, i: m(t, i))(model, text, tokens)
-    logits = cached_logits(model, text, tokens, implementation)
+    logits = cached_logits(model, text, tokens, implementation, split_weights)
     assert logits.dtype == teacher_forced.dtype == jnp.float32
     np.testing.assert_allclose(logits, teacher_forced, atol=CACHED_ATOL[dtype])
 
@@ -106,12 +110,22 @@ def test_greedy_bf16_tokens_follow_float32_until_a_near_tie(small):
     assert same_rows >= len(text) // 2  # most images are the same
 
 
-def sample(model, text, seeds, guided=False, **controls):
+def sample(model, text, seeds, guided=False, split_weights=None, **controls):
     batch = text.shape[0]
     merged = dict(decode.default_controls(batch))
     merged.update({k: jnp.asarray(v) for k, v in controls.items()})
-    fn = nnx.jit(decode.sample_image_tokens, static_argnames=("guided", "implementation"))
-    return np.asarray(fn(model, jnp.asarray(text), image_keys(0, seeds), merged, guided=guided))
+    fn = nnx.jit(decode.sample_image_tokens,
+                 static_argnames=("guided", "implementation", "split_weights"))
+    return np.asarray(fn(model, jnp.asarray(text), image_keys(0, seeds), merged, guided=guided,
+                         split_weights=split_weights))
+
+
+def test_split_weights_draw_the_same_images_as_weights_sliced_at_every_step(small):
+    cfg, model = small
+    text = captions(cfg, [2, 3, 1])
+    split = sample(model, text, [0, 1, 2], guided=True, guidance=2.0, split_weights=True)
+    sliced = sample(model, text, [0, 1, 2], guided=True, guidance=2.0, split_weights=False)
+    np.testing.assert_array_equal(split, sliced)
 
 
 def test_greedy_decoding_equals_argmax_of_the_teacher_forced_model(small):
@@ -214,6 +228,38 @@ def test_sampled_tokens_follow_the_numpy_distribution(temperature, top_k, top_p)
     statistic = np.sum((counts[support] - draws * expected[support]) ** 2
                        / (draws * expected[support]))
     assert statistic < stats.chi2.isf(1e-6, df=support.sum() - 1), (counts, expected * draws)
+
+
+def test_inverse_cdf_draws_follow_the_softmax_across_blocks():
+    """`sample_categorical` over a vocabulary of several CDF blocks (the last one partial, one
+    without mass, scattered -inf entries): a chi-square test of 40,000 draws against the
+    softmax (false-alarm rate 1e-6, fixed seed), and nothing drawn where the mass is zero."""
+    from scipy import stats
+
+    draws, vocab = 40_000, 3 * decode.CDF_BLOCK + 20
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=vocab)
+    logits[decode.CDF_BLOCK:2 * decode.CDF_BLOCK] = -np.inf
+    logits[rng.choice(vocab, 30, replace=False)] = -np.inf
+    tokens = jax.jit(jax.vmap(decode.sample_categorical))(
+        jax.random.split(jax.random.key(5), draws),
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, vocab)))
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    expected = np.exp(logits - logits[np.isfinite(logits)].max())
+    expected /= expected.sum()
+    assert counts[expected == 0].sum() == 0
+    support = expected > 0
+    statistic = np.sum((counts[support] - draws * expected[support]) ** 2
+                       / (draws * expected[support]))
+    assert statistic < stats.chi2.isf(1e-6, df=support.sum() - 1)
+
+
+def test_a_target_rounded_past_the_last_running_mass_takes_the_last_entry_with_mass():
+    mass = jnp.asarray([0.0, 1.0, 0.0, 1.0, 0.0])
+    ends = jnp.cumsum(mass)
+    assert int(decode._first_past(ends, jnp.float32(0.5), mass)) == 1
+    assert int(decode._first_past(ends, jnp.float32(1.0), mass)) == 3
+    assert int(decode._first_past(ends, jnp.float32(2.0), mass)) == 3  # not 5, nor 4 (no mass)
 
 
 def test_an_image_depends_only_on_its_caption_and_key(small):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -159,21 +159,17 @@ def kept_score_count(kind: str, layout: Layout) -> int:
     return t * (t + 1) // 2 + m * t + int(local.sum())
 
 
-def dense_attention(q, k, v, mask=None, kv_layout: str = "bkhd"):
+def dense_attention(q, k, v, mask=None):
     """Reference attention over full [L, L] scores; `mask` bool, broadcastable to [.., q, k].
 
-    q, k, v: [batch, length, heads, head_dim]; with kv_layout="kbhd" k and v are [length,
-    batch, heads, head_dim] (what a gather from a layer's cache gives), read as they are rather
-    than transposed first. Scores and softmax in float32, output in q.dtype.
+    q, k, v: [batch, length, heads, head_dim]. Scores and softmax in float32, output in q.dtype.
     """
-    if kv_layout not in ("bkhd", "kbhd"):
-        raise ValueError(f"kv_layout={kv_layout!r} must be 'bkhd' or 'kbhd'")
-    scores = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = jnp.where(mask, scores, _MASKED)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
@@ -265,22 +261,27 @@ def computed_score_count(kind: str, layout: Layout, implementation: str = "spars
     return layout.text_len ** 2 + groups * s * (layout.text_len + keys)
 
 
-def _text_and_window_attention(q, k_text, v_text, k_win, v_win, mask):
-    """Grouped queries [B,h,G,s,d] over all text keys [B,h,T,d] plus their window [B,h,G,K,d].
+def _joint_attention(q, parts):
+    """Grouped queries q [B,h,G,s,d] over several parts of keys with ONE softmax.
 
-    The two score arrays are concatenated so ONE softmax normalises text and image keys
-    together, as the paper's masks do. (Sharing the max and normaliser across the two parts
-    without concatenating measured no faster on CPU.)
+    parts: (keys, values, mask) triples; keys and values are [B,h,K,d] (seen by every group,
+    e.g. all text keys) or [B,h,G,K,d] (a window per group); mask is None or bool broadcastable
+    to [.., G, s, K]. The score arrays are concatenated so one softmax normalises all parts
+    together, as the paper's masks do. (Sharing the max and normaliser across the parts without
+    concatenating measured no faster on CPU.)
     """
     f32 = jnp.float32
     scale = 1 / math.sqrt(q.shape[-1])
-    text = jnp.einsum("bhgsd,bhtd->bhgst", q, k_text, preferred_element_type=f32) * scale
-    local = jnp.einsum("bhgsd,bhgkd->bhgsk", q, k_win, preferred_element_type=f32) * scale
-    local = jnp.where(mask, local, _MASKED)
-    weights = jax.nn.softmax(jnp.concatenate([text, local], axis=-1), axis=-1)
-    text, local = jnp.split(weights.astype(v_text.dtype), [text.shape[-1]], axis=-1)
-    out = (jnp.einsum("bhgst,bhtd->bhgsd", text, v_text, preferred_element_type=f32)
-           + jnp.einsum("bhgsk,bhgkd->bhgsd", local, v_win, preferred_element_type=f32))
+    spec = lambda keys: "bhtd" if keys.ndim == 4 else "bhgtd"
+    scores = []
+    for keys, _, mask in parts:
+        part = jnp.einsum(f"bhgsd,{spec(keys)}->bhgst", q, keys, preferred_element_type=f32)
+        scores.append(part * scale if mask is None else jnp.where(mask, part * scale, _MASKED))
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    splits = np.cumsum([part.shape[-1] for part in scores])[:-1]
+    out = sum(jnp.einsum(f"bhgst,{spec(values)}->bhgsd", w.astype(values.dtype), values,
+                         preferred_element_type=f32)
+              for w, (_, values, _) in zip(jnp.split(weights, splits, axis=-1), parts))
     return out.astype(q.dtype)
 
 
@@ -300,8 +301,8 @@ def sparse_attention(q, k, v, kind: str, layout: Layout):
     # Heads-major [B, h, n, d], so every matmul below is batched over leading axes, untransposed.
     q_image, k_image, v_image = (jnp.swapaxes(x[:, t:], 1, 2) for x in (q, k, v))
     k_text, v_text = (jnp.swapaxes(x[:, :t], 1, 2) for x in (k, v))
-    image = _text_and_window_attention(plan.queries(q_image), k_text, v_text,
-                                       plan.windows(k_image), plan.windows(v_image), plan.mask)
+    image = _joint_attention(plan.queries(q_image), [
+        (k_text, v_text, None), (plan.windows(k_image), plan.windows(v_image), plan.mask)])
     return jnp.concatenate([text, jnp.swapaxes(plan.ungroup(image), 1, 2)], axis=1)
 
 
@@ -324,54 +325,108 @@ def attention(q, k, v, kind: str, layout: Layout, implementation: str = "sparse"
 
 # --- decoding: one image query against a key/value cache --------------------------------
 
-def _window_candidates(kind: str, layout: Layout, a):
-    """Raster positions a superset of whose members image query `a` (traced) may see.
+class LayerCache(NamedTuple):
+    """One layer's keys and values, heads-major so attention reads them without a transpose:
+    the caption's [B, heads, text_len, head_dim], written once by the prefill, and the image's
+    [B, heads, image_len, head_dim], one position written per decode step."""
+    text_keys: jax.Array
+    text_values: jax.Array
+    image_keys: jax.Array
+    image_values: jax.Array
 
-    Static in number whatever `a` is, so a decode step compiles once and costs the same at
-    every position: W+1 for "row", grid_h for "column", (k//2+1)·k for "conv".
+
+@dataclasses.dataclass(frozen=True)
+class DecodeWindow:
+    """The image cache entries a decode query reads: one `dynamic_slice` of the image
+    positions viewed as `grid` ((n,) in raster order or (grid_h, grid_w)), at `start` (traced,
+    already clamped inside the grid, so it is where the slice really reads) of static `size`.
+
+    positions: int32 [K] raster positions read; valid: bool [K], the mask row of the query.
     """
-    w, h, radius = layout.grid_w, layout.grid_h, layout.conv_kernel // 2
-    if kind == "row":
-        return a - w + jnp.arange(w + 1)
-    if kind == "column":
-        return a % w + w * jnp.arange(h)
-    rows = a // w - radius + jnp.arange(radius + 1)
-    cols = a % w - radius + jnp.arange(2 * radius + 1)
-    inside_row = (cols >= 0) & (cols < w)
-    # A column outside the grid would alias a neighbouring row's position: push it out.
-    return jnp.where(inside_row[None, :], rows[:, None] * w + cols[None, :], -1).reshape(-1)
+    grid: tuple[int, ...]
+    start: tuple
+    size: tuple[int, ...]
+    positions: jax.Array
+    valid: jax.Array
+
+    def read(self, x):
+        """x [B, heads, image_len, head_dim] -> [B, heads, K, head_dim]."""
+        lead, depth = x.shape[:2], x.shape[-1]
+        view = x.reshape(lead + self.grid + (depth,))
+        zero = jnp.int32(0)
+        window = jax.lax.dynamic_slice(view, (zero, zero, *self.start, zero),
+                                       lead + self.size + (depth,))
+        return window.reshape(lead + (-1, depth))
 
 
-def decode_keys(kind: str, layout: Layout, a, implementation: str = "sparse"):
-    """(cache positions int32 [K], valid bool [K]) that image query `a` reads when decoding.
+def _clamped_start(first, size: int, extent: int):
+    """Where a slice of `size` that should begin at `first` begins once kept inside `extent`
+    (what `dynamic_slice` would do on its own; done here so the positions read are known)."""
+    return jnp.clip(first, 0, extent - size).astype(jnp.int32)
 
-    "sparse" reads all text positions plus the layer's window (the cost of a token does not
-    grow with its position); "dense" reads the whole cache with the mask's row (the reference).
-    A "causal" layer has no window: it reads the whole cache either way. Validity always comes
-    from `_image_rule`, the patterns' single definition.
+
+def decode_window(kind: str, layout: Layout, a, implementation: str = "sparse") -> DecodeWindow:
+    """The image positions image query `a` (traced) reads from the cache when decoding.
+
+    Static in size whatever `a` is, so a decode step compiles once and costs the same at every
+    position, and one rectangle of the grid (a slice, not a gather): "row" reads a's row and
+    the one above (the grid_w + 1 positions ending at a lie in them); "column" a's column;
+    "conv" the conv_kernel//2 + 1 rows ending at a's row, conv_kernel columns wide around a's
+    column; "causal" layers, and every layer with implementation "dense" (the reference), read
+    the whole image with the mask's row. Every query also reads all text positions. Validity
+    always comes from `_image_rule`, the patterns' single definition.
     """
     if kind not in DECODE_KINDS:
         raise ValueError(f"decoding reads image keys of one of {DECODE_KINDS}, not {kind!r}")
-    t, n = layout.text_len, layout.image_len
-    whole = implementation == "dense" or kind == "causal"
-    b = jnp.arange(n) if whole else _window_candidates(kind, layout, a)
-    valid = (b >= 0) & (b < n) & _image_rule(kind, a, b, layout)
-    positions = jnp.concatenate([jnp.arange(t), t + jnp.clip(b, 0, n - 1)]).astype(jnp.int32)
-    return positions, jnp.concatenate([jnp.ones((t,), bool), valid])
+    n, h, w, radius = layout.image_len, layout.grid_h, layout.grid_w, layout.conv_kernel // 2
+    a = jnp.asarray(a, jnp.int32)
+    if implementation == "dense" or kind == "causal":
+        grid, start, size = (n,), (jnp.int32(0),), (n,)
+    elif kind == "row":
+        # a's row and the one above, whole: a superset of the grid_w + 1 positions ending at
+        # a, read through the same 2-d view as the other kinds. (A 1-d slice of the grid_w + 1
+        # positions made XLA:CPU fuse the read into the write of a's entry, reading the old
+        # cache, and copy the layer's whole cache at every token to keep it.)
+        size = (min(2, h), w)
+        grid, start = (h, w), (_clamped_start(a // w - 1, size[0], h), jnp.int32(0))
+    elif kind == "column":
+        grid, start, size = (h, w), (jnp.int32(0), a % w), (h, 1)
+    else:
+        size = (min(radius + 1, h), min(2 * radius + 1, w))
+        grid = (h, w)
+        start = (_clamped_start(a // w - radius, size[0], h),
+                 _clamped_start(a % w - radius, size[1], w))
+    if len(grid) == 1:
+        positions = start[0] + jnp.arange(size[0])
+    else:
+        rows, cols = (s + jnp.arange(k) for s, k in zip(start, size))
+        positions = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    positions = positions.astype(jnp.int32)
+    return DecodeWindow(grid, start, size, positions, _image_rule(kind, a, positions, layout))
 
 
-def cached_attention(q, k_cache, v_cache, positions, valid, layer=None):
-    """One query per example, q [B, 1, h, d], over the cache entries at `positions` [K].
+def decode_read_length(kind: str, layout: Layout, implementation: str = "sparse") -> int:
+    """Cache positions (text + window) one decode query of a `kind` layer reads."""
+    return layout.text_len + math.prod(decode_window(kind, layout, 0, implementation).size)
 
-    k_cache, v_cache: [B, L, h, d], or [layers, B, L, h, d] with the `layer` to read: one
-    gather then reads only the K entries, not the layer's whole cache.
-    Scores and softmax in float32, output [B, 1, h, d].
-    """
-    if layer is None:
-        k, v = jnp.take(k_cache, positions, axis=1), jnp.take(v_cache, positions, axis=1)
-        return dense_attention(q, k, v, valid[None, None, None, :])
-    # Advanced indices around a slice put the K axis first: [K, B, h, d], read in that layout
-    # (a transpose to [B, K, h, d] measured 1.3-1.9x slower per token).
-    k, v = (c[layer, :, positions] for c in (k_cache, v_cache))
-    return dense_attention(q, k, v, valid[None, None, None, :], kv_layout="kbhd")
 
+def cache_entry(cache: LayerCache, k, v, a) -> LayerCache:
+    """`cache` with image position `a`'s key and value (each [B, 1, heads, head_dim]) written,
+    in place when the cache is a loop carry or a donated argument."""
+    at = (0, 0, a, 0)
+    keys, values = (jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), at)
+                    for c, x in ((cache.image_keys, k), (cache.image_values, v)))
+    return cache._replace(image_keys=keys, image_values=values)
+
+
+def cached_attention(q, cache: LayerCache, window: DecodeWindow):
+    """One query per example, q [B, 1, heads, head_dim], over all text entries of `cache` and
+    its image entries in `window` (the query's own entry written): the sparse path's text and
+    window attention with one group of one query. Scores and softmax in float32, output
+    [B, 1, heads, head_dim]."""
+    k_window, v_window = (window.read(c)[:, :, None] for c in (cache.image_keys,
+                                                                cache.image_values))
+    query = jnp.swapaxes(q, 1, 2)[:, :, None]  # [B, heads, 1 group, 1 query, head_dim]
+    out = _joint_attention(query, [(cache.text_keys, cache.text_values, None),
+                                   (k_window, v_window, window.valid[None, None, :])])
+    return jnp.swapaxes(out[:, :, 0], 1, 2)

@@ -20,8 +20,12 @@ from flax import nnx
 
 from dalle_jax.models import attention as attention_lib
 from dalle_jax.models import layers
-from dalle_jax.models.transformer import ACT, BlockConfig, Stack
+from dalle_jax.models.transformer import ACT, BlockConfig, DecodeLayer, Stack
 from dalle_jax.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+# The key/value cache is split like the activations it caches: batch over the data axes, heads
+# over tensor.
+CACHE_NAMES = ("batch", "heads", "length", "kv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,30 +157,48 @@ class DALLE(nnx.Module):
 
     # --- decoding with a key/value cache (dalle_jax/sampling uses these) ------------------
 
-    def init_cache(self, batch: int, dtype=None) -> tuple[jax.Array, jax.Array]:
-        """Zeroed keys and values, [depth, batch, text + image length, heads, head_dim], in
-        `dtype` (default: the compute dtype, in which they are computed)."""
+    def init_cache(self, batch: int, dtype=None) -> tuple[attention_lib.LayerCache, ...]:
+        """Zeroed keys and values, one `LayerCache` per layer ([batch, heads, text or image
+        length, head_dim]), in `dtype` (default: the compute dtype, in which they are
+        computed)."""
         b = self.cfg.block
         dtype = jnp.dtype(dtype or b.dtype)
-        shape = (b.depth, batch, self.cfg.layout.length, b.num_heads, b.head_dim)
-        # Split like the activations it caches: batch over the data axes, heads over tensor.
-        names = ("layers", "batch", "length", "heads", "kv")
-        return tuple(layers.constrain(jnp.zeros(shape, dtype), names) for _ in range(2))
 
-    def prefill(self, text: jax.Array, cache: tuple[jax.Array, jax.Array]):
-        """The caption in one pass: (logits of the first image token (B, image_vocab), cache)."""
+        def zeros(length):
+            shape = (batch, b.num_heads, length, b.head_dim)
+            return layers.constrain(jnp.zeros(shape, dtype), CACHE_NAMES)
+
+        t, n = self.cfg.text_length, self.cfg.image_length
+        return tuple(attention_lib.LayerCache(zeros(t), zeros(t), zeros(n), zeros(n))
+                     for _ in range(b.depth))
+
+    def prefill(self, text: jax.Array, cache: tuple[attention_lib.LayerCache, ...]):
+        """The caption in one pass: (logits of the first image token (B, image_vocab), cache
+        with every layer's caption entries written)."""
         x = self.embed_text(text).astype(jnp.dtype(self.cfg.block.dtype))
         x, keys, values = self.stack.prefill(x)
-        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, 0, 0, 0))
-                      for c, new in zip(cache, (keys, values)))
+
+        def heads_major(new, old):  # [B, T, heads, head_dim] -> the cache's layout
+            return layers.constrain(jnp.swapaxes(new, 1, 2).astype(old.dtype), CACHE_NAMES)
+
+        cache = tuple(c._replace(text_keys=heads_major(keys[i], c.text_keys),
+                                 text_values=heads_major(values[i], c.text_values))
+                      for i, c in enumerate(cache))
         return self.image_logits(self.final_norm(x[:, -1:]))[:, 0], cache
 
-    def decode_step(self, token: jax.Array, a: jax.Array, cache, implementation="sparse"):
-        """Feed image token `a` (B,): (logits of token a+1 (B, image_vocab), cache)."""
+    def decode_weights(self) -> tuple[DecodeLayer, ...]:
+        """The stack's parameters layer by layer (`Stack.layer_weights`): computed once before
+        a loop of `decode_step`s, which then read them in place."""
+        return self.stack.layer_weights()
+
+    def decode_step(self, token: jax.Array, a: jax.Array, cache, implementation="sparse", *,
+                    weights=None):
+        """Feed image token `a` (B,): (logits of token a+1 (B, image_vocab), cache).
+        `weights`: `decode_weights()` (default: computed here, once per call)."""
         g = self.cfg.grid_size
         x = (self.image_embed(token) + self.row_embed(a // g) + self.column_embed(a % g))[:, None]
         x, cache = self.stack.decode(x.astype(jnp.dtype(self.cfg.block.dtype)), cache, a,
-                                     implementation)
+                                     implementation, weights=weights)
         return self.image_logits(self.final_norm(x))[:, 0], cache
 
 

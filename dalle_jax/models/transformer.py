@@ -9,13 +9,15 @@ not grow with depth (`scan_unroll` layers per loop iteration: a few small layers
 unrolled, without the loop's per-layer slicing and stacking). Layers of different kinds share
 one scan body: the kind of each layer is an index into the kinds the stack uses and
 `lax.switch` picks the attention, which only changes which keys a query sees (the projections
-are the same).
+are the same). Decoding one position against a key/value cache (`Stack.decode`) is the
+exception: its layers are unrolled, each reading its own weights and cache with its own kind.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,13 +65,28 @@ class Attention(nnx.Module):
                                     ("heads", "kv", "embed"))
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x (B, L, d) -> q, k, v, each (B, L, heads, head_dim)."""
+    def project(self, x: jax.Array, qkv: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, L, d) -> q, k, v, each (B, L, heads, head_dim).
+
+        qkv: `fused_qkv()`, made once outside a loop of decode steps: one matmul then reads the
+        three projections (a decode step's matmuls are so small that their number counts).
+        """
         x = x.astype(self.dtype)
         names = ("batch", "length", "heads", "kv")
+        if qkv is not None:
+            h, k = self.query.shape[1:]
+            fused = (x @ qkv.astype(self.dtype)).reshape(x.shape[:2] + (3, h, k))
+            return tuple(layers.constrain(fused[:, :, i], names) for i in range(3))
         return tuple(layers.constrain(jnp.einsum("bld,dhk->blhk", x, w[...].astype(self.dtype)),
                                       names)
                      for w in (self.query, self.key, self.value))
+
+    def fused_qkv(self) -> jax.Array:
+        """The query, key and value projections side by side, [d_model, 3·heads·head_dim]: the
+        layout a row-major matmul reads as it is."""
+        return jnp.stack([w[...] for w in (self.query, self.key, self.value)], axis=1).reshape(
+            self.query.shape[0], -1)
 
     def output(self, o: jax.Array) -> jax.Array:
         return layers.constrain(
@@ -106,10 +123,11 @@ class Block(nnx.Module):
         self.mlp_norm = layers.LayerNorm(cfg.d_model, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attend):
+    def __call__(self, x: jax.Array, attend, qkv: jax.Array | None = None):
         """(x, extra), where `attend(q, k, v) -> (o, extra)` is the layer's attention: the
-        training pattern (extra None), or a cached decode that returns the updated cache."""
-        q, k, v = self.attention.project(self.attention_norm(x))
+        training pattern (extra None), or a cached decode that returns the updated cache.
+        qkv: the fused projections of a decode (`Attention.project`)."""
+        q, k, v = self.attention.project(self.attention_norm(x), qkv)
         o, extra = attend(q, k, v)
         x = x + self.attention.output(o).astype(x.dtype)
         return layers.constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), ACT), extra
@@ -124,6 +142,12 @@ def _remat(fn, policy: str):
         return jax.checkpoint(
             fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise ValueError(f"config.model.remat={policy!r} must be one of {REMAT_POLICIES}")
+
+
+class DecodeLayer(NamedTuple):
+    """One layer's weights as a decode step reads them (`Stack.layer_weights`)."""
+    block: nnx.State
+    qkv: jax.Array  # Attention.fused_qkv()
 
 
 class Stack(nnx.Module):
@@ -181,7 +205,7 @@ class Stack(nnx.Module):
     # --- decoding with a key/value cache --------------------------------------------------
 
     def prefill(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The caption (B, T, d) through every layer: (x, keys, values), keys/values
+        """The caption (B, T, d) through every layer: (x, keys, values), keys and values
         [depth, B, T, heads, head_dim]. Caption queries attend causally to the caption in every
         kind of layer, so this is the training forward pass restricted to the caption."""
         graphdef, state = nnx.split(self.blocks)
@@ -195,43 +219,44 @@ class Stack(nnx.Module):
         x, (keys, values) = jax.lax.scan(layer, x, state)
         return x, keys, values
 
-    def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], a: jax.Array,
-               implementation: str = "sparse"):
-        """One image position `a` (x: (B, 1, d)) through every layer: (x, cache).
+    def layer_weights(self) -> tuple[DecodeLayer, ...]:
+        """Each layer's parameters as arrays of its own, for `decode`.
 
-        cache: keys and values [depth, B, L, heads, head_dim], updated in place at stream
-        position text_len + a. Each layer reads only what its kind lets it see ("sparse": the
-        caption and the layer's window; "dense": the whole cache, masked, as a reference).
+        A decode step inside the sampling loop reads them where they are; slicing the stacked
+        "layers" axis in the loop instead makes XLA:CPU copy every layer's weights at every
+        token, as a scan over the layers does, since it does not hoist the slices out of the
+        loop. Computed once per draw, before the loop.
         """
         graphdef, state = nnx.split(self.blocks)
-        position = self.layout.text_len + a
+        per_layer = []
+        for i in range(len(self.kinds)):
+            block = jax.tree.map(lambda x, i=i: x[i], state)
+            qkv = nnx.merge(graphdef, block).attention.fused_qkv()
+            per_layer.append(DecodeLayer(block, qkv))
+        return tuple(per_layer)
 
-        def read(kind):
-            def attend(q, keys, values, layer_index):
-                positions, valid = attention_lib.decode_keys(kind, self.layout, a,
-                                                             implementation)
-                return attention_lib.cached_attention(q, keys, values, positions, valid,
-                                                      layer_index)
-            return attend
+    def decode(self, x: jax.Array, cache: tuple[attention_lib.LayerCache, ...], a: jax.Array,
+               implementation: str = "sparse", *, weights: tuple[DecodeLayer, ...] | None = None):
+        """One image position `a` (x: (B, 1, d)) through every layer: (x, cache).
 
-        readers = [read(kind) for kind in self.distinct_kinds]
+        cache: one `LayerCache` per layer, its image entry `a` written in place. Each layer
+        reads only what its kind lets it see ("sparse": the caption and the layer's window;
+        "dense": the whole cache, masked, as a reference). `weights`: `layer_weights()`,
+        computed once outside a loop of decode steps (default: sliced here).
 
-        def layer(carry, inputs):
-            x, keys, values = carry
-            block_state, index, layer_index = inputs
-            block = nnx.merge(graphdef, block_state)
+        The layers are unrolled, each with its own kind, weights and cache, so nothing is
+        switched or sliced per layer; compile time grows with depth (one decode step).
+        """
+        graphdef, _ = nnx.split(self.blocks)
+        weights = self.layer_weights() if weights is None else weights
+        updated = []
+        for kind, layer, layer_cache in zip(self.kinds, weights, cache):
+            window = attention_lib.decode_window(kind, self.layout, a, implementation)
 
-            def attend(q, k, v):
-                at = (layer_index, 0, position, 0, 0)
-                new_keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), at)
-                new_values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
-                                                          at)
-                o = self._pick(readers, index, q, new_keys, new_values, layer_index)
-                return o, (new_keys, new_values)
+            def attend(q, k, v, layer_cache=layer_cache, window=window):
+                layer_cache = attention_lib.cache_entry(layer_cache, k, v, a)
+                return attention_lib.cached_attention(q, layer_cache, window), layer_cache
 
-            x, (keys, values) = block(x, attend)
-            return (x, keys, values), None
-
-        inputs = (state, self._kind_index(), jnp.arange(len(self.kinds)))
-        (x, keys, values), _ = jax.lax.scan(layer, (x, *cache), inputs)
-        return x, (keys, values)
+            x, layer_cache = nnx.merge(graphdef, layer.block)(x, attend, layer.qkv)
+            updated.append(layer_cache)
+        return x, tuple(updated)

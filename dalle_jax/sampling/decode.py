@@ -49,14 +49,49 @@ def _cut_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Ar
     return jnp.where((logits >= kth) & (logits >= pth), logits, -jnp.inf)
 
 
+# Vocabulary entries per block of the two-level inverse-CDF search in `sample_categorical`.
+CDF_BLOCK = 128
+
+
+def sample_categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One index of `logits` (V,) drawn with probability softmax(logits), from ONE uniform.
+
+    Inverse CDF in two levels: the block of CDF_BLOCK entries the uniform falls in, from the
+    running sum of the blocks' masses, then the entry inside that block. A Gumbel-max draw
+    (`jax.random.categorical`) needs a random word per vocabulary entry: over 8192 image codes
+    its threefry hashing cost more than a small model's whole decode step on a CPU. Entries of
+    probability zero (logit -inf) are never drawn.
+    """
+    vocab = logits.shape[-1]
+    blocks = -(-vocab // CDF_BLOCK)
+    mass = jnp.exp(logits - jnp.max(logits))
+    mass = jnp.pad(mass, (0, blocks * CDF_BLOCK - vocab)).reshape(blocks, CDF_BLOCK)
+    block_mass = mass.sum(axis=-1)
+    block_ends = jnp.cumsum(block_mass)
+    target = jax.random.uniform(key, dtype=logits.dtype) * block_ends[-1]
+    block = _first_past(block_ends, target, block_mass)
+    before = jnp.where(block > 0, block_ends[block - 1], 0)
+    return block * CDF_BLOCK + _first_past(before + jnp.cumsum(mass[block]), target, mass[block])
+
+
+def _first_past(ends, target, mass):
+    """The first index whose running mass `ends` passes `target`: one with mass of its own.
+    Rounding can leave the target at or past the last end: the last index with mass then."""
+    last_with_mass = mass.shape[0] - 1 - jnp.argmax(mass[::-1] > 0)
+    return jnp.minimum(jnp.sum(ends <= target), last_with_mass)
+
+
 def choose_tokens(logits, keys, position, controls) -> jax.Array:
-    """One token per example: greedy at temperature 0, else sampled from the filtered logits."""
-    greedy = jnp.argmax(logits, axis=-1)
-    temperature = jnp.maximum(controls["temperature"], 1e-6)
-    filtered = filter_logits(logits / temperature, controls["top_k"], controls["top_p"])
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
-    sampled = jax.vmap(jax.random.categorical)(step_keys, filtered)
-    return jnp.where(controls["temperature"] > 0, sampled, greedy).astype(jnp.int32)
+    """One token per example: greedy at temperature 0, else sampled from the filtered logits
+    with the example's key folded with `position`. Only the chosen way is computed."""
+    def sampled(logits):
+        temperature = jnp.maximum(controls["temperature"], 1e-6)
+        filtered = filter_logits(logits / temperature, controls["top_k"], controls["top_p"])
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, position)
+        return jax.vmap(sample_categorical)(step_keys, filtered)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1)
+    return jax.lax.cond(controls["temperature"] > 0, sampled, greedy, logits).astype(jnp.int32)
 
 
 def default_controls(batch: int) -> dict[str, jax.Array]:
@@ -65,14 +100,26 @@ def default_controls(batch: int) -> dict[str, jax.Array]:
             "keep": jnp.zeros((batch,), jnp.int32)}
 
 
+def split_weights_by_default() -> bool:
+    """Whether `sample_image_tokens` splits the layers' weights before its loop by default: on
+    a CPU, where XLA copies a static slice of the stacked weights before the matmul that reads
+    it, at every token (measured: BENCHMARKS.md, "Where a decode step's time goes"). The split
+    holds a second copy of the stack's weights while sampling, so elsewhere, where device
+    memory is scarce, each step slices the stacked weights instead."""
+    return jax.default_backend() == "cpu"
+
+
 def sample_image_tokens(model, text: jax.Array, keys: jax.Array, controls: dict, *,
-                        guided: bool = False, implementation: str = "sparse") -> jax.Array:
+                        guided: bool = False, implementation: str = "sparse",
+                        split_weights: bool | None = None) -> jax.Array:
     """Image tokens (B, N) for captions `text` (B, T), one random key per image.
 
     controls: "temperature", "top_k", "top_p", "guidance" (scalars) and, for completion,
     "given" (B, N) tokens of which the first "keep" (B,) are kept as they are.
     `guided` runs the unconditional stream (the empty caption) beside the conditional one in
-    the same batch and mixes their logits with the "guidance" scale.
+    the same batch and mixes their logits with the "guidance" scale. `split_weights`: give each
+    layer's weights arrays of their own once per draw (`DALLE.decode_weights`; default:
+    `split_weights_by_default()`); the tokens are the same either way.
     """
     batch, n = text.shape[0], model.cfg.image_length
     given = controls["given"]
@@ -88,11 +135,14 @@ def sample_image_tokens(model, text: jax.Array, keys: jax.Array, controls: dict,
 
     logits, cache = model.prefill(streams, model.init_cache(streams.shape[0]))
     tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(choose(logits, 0))
+    if split_weights is None:
+        split_weights = split_weights_by_default()
+    weights = model.decode_weights() if split_weights else None
 
     def step(a, carry):
         tokens, cache = carry
         fed = jnp.concatenate([tokens[:, a]] * 2) if guided else tokens[:, a]
-        logits, cache = model.decode_step(fed, a, cache, implementation)
+        logits, cache = model.decode_step(fed, a, cache, implementation, weights=weights)
         return tokens.at[:, a + 1].set(choose(logits, a + 1)), cache
 
     tokens, _ = jax.lax.fori_loop(0, n - 1, step, (tokens, cache))
