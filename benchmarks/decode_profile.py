@@ -8,6 +8,8 @@ cache reads). Per batch:
 - the isolated decode step (`DALLE.decode_step` jitted alone, the cache donated; mean over the
   first image row's positions) and the whole-image loop's step (one `sample_image_tokens` call
   at temperature 1 divided by its N-1 steps; the prefill is left in, a few steps' worth);
+- the weight matmuls alone: the step's matmuls (fused q/k/v, out, MLP, image head) chained
+  at the same batch with nothing else, what this CPU's matmul kernels take for its weights;
 - the step's bounds: bytes it must read (parameters once, plus each layer's cache entries per
   example) over the read bandwidth of a jitted `jnp.sum`, and FLOPs (2 per multiply-add of the
   stack's matmuls and the image head, plus attention over the entries read) over the fp32
@@ -29,7 +31,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import matmul_flops_per_second  # noqa: E402
+from common import best_of, matmul_flops_per_second  # noqa: E402
 
 flags.DEFINE_list("batches", ["1", "8", "32", "128"], "Batches profiled.")
 flags.DEFINE_integer("top", 10, "Longest operations listed per batch.")
@@ -49,6 +51,27 @@ def step_flops(model, batch: int) -> float:
     return batch * (2 * (matmul_params + model.image_head[...].size) + attention)
 
 
+def matmuls_alone(graphdef, state, model, batch: int) -> float:
+    """Seconds of the step's weight matmuls and nothing else: per layer, x @ the fused q/k/v,
+    @ out, @ MLP up, @ MLP down, then the image head, each feeding the next, on the weights the
+    loop reads (`decode_weights`) at this batch: what this CPU's matmul kernels take for the
+    step's weights at these shapes (best of --repeats)."""
+    weights = jax.jit(lambda st: nnx.merge(graphdef, st).decode_weights())(state)
+    head = model.image_head[...]
+
+    @jax.jit
+    def chain(x, weights, head):
+        for layer in weights:
+            out, mlp = layer.block["attention"]["out"][...], layer.block["mlp"]
+            inner = out.shape[0] * out.shape[1]  # heads · head_dim
+            x = x + (x @ layer.qkv)[:, :inner] @ out.reshape(inner, -1)
+            x = x + jax.nn.gelu(x @ mlp["up"][...]) @ mlp["down"][...]
+        return x @ head
+
+    x = jax.numpy.ones((batch, model.cfg.block.d_model))
+    return best_of({"chain": lambda: chain(x, weights, head)}, FLAGS.repeats + 2)["chain"]
+
+
 def profile(graphdef, state, model, batch: int, bandwidth: float, matmul: float) -> None:
     cfg = model.cfg
     steps = cfg.image_length - 1
@@ -64,8 +87,10 @@ def profile(graphdef, state, model, batch: int, bandwidth: float, matmul: float)
     memory_bound, flops = read / bandwidth, step_flops(model, batch)
     compute_bound = flops / matmul
     bound = max(memory_bound, compute_bound)
+    alone = matmuls_alone(graphdef, state, model, batch)
     print(f"\n## batch {batch}: loop step {loop * 1e3:.2f} ms, isolated step "
-          f"{isolated * 1e3:.2f} ms (loop / isolated {loop / isolated:.2f})\n")
+          f"{isolated * 1e3:.2f} ms (loop / isolated {loop / isolated:.2f}); the weight "
+          f"matmuls alone {alone * 1e3:.2f} ms (loop / them {loop / alone:.2f})\n")
     print(f"bounds: memory {memory_bound * 1e3:.2f} ms ({read / 1e6:.1f} MB), compute "
           f"{compute_bound * 1e3:.2f} ms ({flops / 1e9:.3f} GFLOP); loop step / larger bound "
           f"{loop / bound:.2f}, isolated / larger bound {isolated / bound:.2f}; loop FLOP/s "
