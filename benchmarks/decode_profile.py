@@ -6,8 +6,9 @@
 The model flags are `decode_speed.py`'s (random weights, float32, one CPU device, "sparse"
 cache reads). Per batch:
 - the isolated decode step (`DALLE.decode_step` jitted alone, the cache donated; mean over the
-  first image row's positions) and the whole-image loop's step (one `sample_image_tokens` call
-  at temperature 1 divided by its N-1 steps; the prefill is left in, a few steps' worth);
+  first image row's positions) and the whole-image loop's step (the best of --repeats
+  `sample_image_tokens` calls at temperature 1 divided by its N-1 steps; the prefill is left
+  in, a few steps' worth);
 - the weight matmuls alone: the step's matmuls (fused q/k/v, out, MLP, image head) chained
   at the same batch with nothing else, what this CPU's matmul kernels take for its weights;
 - the step's bounds: bytes it must read (parameters once, plus each layer's cache entries per
@@ -19,7 +20,6 @@ cache reads). Per batch:
 """
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xla_trace  # noqa: E402
@@ -76,10 +76,7 @@ def profile(graphdef, state, model, batch: int, bandwidth: float, matmul: float)
     cfg = model.cfg
     steps = cfg.image_length - 1
     run, compiled, _ = decode_speed.compile_sampler(graphdef, state, cfg, batch, "sparse")
-    jax.block_until_ready(run())
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    loop = (time.perf_counter() - start) / steps
+    loop = best_of({"loop": run}, FLAGS.repeats)["loop"] / steps
     isolated = decode_speed.position_times(graphdef, state, model, batch, FLAGS.repeats,
                                            ("sparse",))["sparse"]["first"]
     read = decode_speed.parameter_bytes(model) + decode_speed.cache_read_bytes(
