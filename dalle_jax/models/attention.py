@@ -261,27 +261,22 @@ def computed_score_count(kind: str, layout: Layout, implementation: str = "spars
     return layout.text_len ** 2 + groups * s * (layout.text_len + keys)
 
 
-def _joint_attention(q, parts):
-    """Grouped queries q [B,h,G,s,d] over several parts of keys with ONE softmax.
+def _text_and_window_attention(q, k_text, v_text, k_win, v_win, mask):
+    """Grouped queries [B,h,G,s,d] over all text keys [B,h,T,d] plus their window [B,h,G,K,d].
 
-    parts: (keys, values, mask) triples; keys and values are [B,h,K,d] (seen by every group,
-    e.g. all text keys) or [B,h,G,K,d] (a window per group); mask is None or bool broadcastable
-    to [.., G, s, K]. The score arrays are concatenated so one softmax normalises all parts
-    together, as the paper's masks do. (Sharing the max and normaliser across the parts without
-    concatenating measured no faster on CPU.)
+    The two score arrays are concatenated so ONE softmax normalises text and image keys
+    together, as the paper's masks do. (Sharing the max and normaliser across the two parts
+    without concatenating measured no faster on CPU.)
     """
     f32 = jnp.float32
     scale = 1 / math.sqrt(q.shape[-1])
-    spec = lambda keys: "bhtd" if keys.ndim == 4 else "bhgtd"
-    scores = []
-    for keys, _, mask in parts:
-        part = jnp.einsum(f"bhgsd,{spec(keys)}->bhgst", q, keys, preferred_element_type=f32)
-        scores.append(part * scale if mask is None else jnp.where(mask, part * scale, _MASKED))
-    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    splits = np.cumsum([part.shape[-1] for part in scores])[:-1]
-    out = sum(jnp.einsum(f"bhgst,{spec(values)}->bhgsd", w.astype(values.dtype), values,
-                         preferred_element_type=f32)
-              for w, (_, values, _) in zip(jnp.split(weights, splits, axis=-1), parts))
+    text = jnp.einsum("bhgsd,bhtd->bhgst", q, k_text, preferred_element_type=f32) * scale
+    local = jnp.einsum("bhgsd,bhgkd->bhgsk", q, k_win, preferred_element_type=f32) * scale
+    local = jnp.where(mask, local, _MASKED)
+    weights = jax.nn.softmax(jnp.concatenate([text, local], axis=-1), axis=-1)
+    text, local = jnp.split(weights.astype(v_text.dtype), [text.shape[-1]], axis=-1)
+    out = (jnp.einsum("bhgst,bhtd->bhgsd", text, v_text, preferred_element_type=f32)
+           + jnp.einsum("bhgsk,bhgkd->bhgsd", local, v_win, preferred_element_type=f32))
     return out.astype(q.dtype)
 
 
@@ -301,8 +296,8 @@ def sparse_attention(q, k, v, kind: str, layout: Layout):
     # Heads-major [B, h, n, d], so every matmul below is batched over leading axes, untransposed.
     q_image, k_image, v_image = (jnp.swapaxes(x[:, t:], 1, 2) for x in (q, k, v))
     k_text, v_text = (jnp.swapaxes(x[:, :t], 1, 2) for x in (k, v))
-    image = _joint_attention(plan.queries(q_image), [
-        (k_text, v_text, None), (plan.windows(k_image), plan.windows(v_image), plan.mask)])
+    image = _text_and_window_attention(plan.queries(q_image), k_text, v_text,
+                                       plan.windows(k_image), plan.windows(v_image), plan.mask)
     return jnp.concatenate([text, jnp.swapaxes(plan.ungroup(image), 1, 2)], axis=1)
 
 
@@ -427,6 +422,6 @@ def cached_attention(q, cache: LayerCache, window: DecodeWindow):
     k_window, v_window = (window.read(c)[:, :, None] for c in (cache.image_keys,
                                                                 cache.image_values))
     query = jnp.swapaxes(q, 1, 2)[:, :, None]  # [B, heads, 1 group, 1 query, head_dim]
-    out = _joint_attention(query, [(cache.text_keys, cache.text_values, None),
-                                   (k_window, v_window, window.valid[None, None, :])])
+    out = _text_and_window_attention(query, cache.text_keys, cache.text_values, k_window,
+                                     v_window, window.valid[None, None, :])
     return jnp.swapaxes(out[:, :, 0], 1, 2)

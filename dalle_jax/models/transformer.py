@@ -147,7 +147,7 @@ def _remat(fn, policy: str):
 class DecodeLayer(NamedTuple):
     """One layer's weights as a decode step reads them (`Stack.layer_weights`)."""
     block: nnx.State
-    qkv: jax.Array  # Attention.fused_qkv()
+    qkv: jax.Array | None  # Attention.fused_qkv(), or None: the block's own q, k, v
 
 
 class Stack(nnx.Module):
@@ -219,21 +219,21 @@ class Stack(nnx.Module):
         x, (keys, values) = jax.lax.scan(layer, x, state)
         return x, keys, values
 
+    def _layer_states(self) -> list[nnx.State]:
+        _, state = nnx.split(self.blocks)
+        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(self.kinds))]
+
     def layer_weights(self) -> tuple[DecodeLayer, ...]:
-        """Each layer's parameters as arrays of its own, for `decode`.
+        """Each layer's parameters as arrays of its own, q, k and v side by side, for `decode`.
 
         A decode step inside the sampling loop reads them where they are; slicing the stacked
         "layers" axis in the loop instead makes XLA:CPU copy every layer's weights at every
         token, as a scan over the layers does, since it does not hoist the slices out of the
         loop. Computed once per draw, before the loop.
         """
-        graphdef, state = nnx.split(self.blocks)
-        per_layer = []
-        for i in range(len(self.kinds)):
-            block = jax.tree.map(lambda x, i=i: x[i], state)
-            qkv = nnx.merge(graphdef, block).attention.fused_qkv()
-            per_layer.append(DecodeLayer(block, qkv))
-        return tuple(per_layer)
+        graphdef, _ = nnx.split(self.blocks)
+        return tuple(DecodeLayer(block, nnx.merge(graphdef, block).attention.fused_qkv())
+                     for block in self._layer_states())
 
     def decode(self, x: jax.Array, cache: tuple[attention_lib.LayerCache, ...], a: jax.Array,
                implementation: str = "sparse", *, weights: tuple[DecodeLayer, ...] | None = None):
@@ -242,13 +242,15 @@ class Stack(nnx.Module):
         cache: one `LayerCache` per layer, its image entry `a` written in place. Each layer
         reads only what its kind lets it see ("sparse": the caption and the layer's window;
         "dense": the whole cache, masked, as a reference). `weights`: `layer_weights()`,
-        computed once outside a loop of decode steps (default: sliced here).
+        computed once outside a loop of decode steps (default: each layer's slice of the
+        stacked weights, read here).
 
         The layers are unrolled, each with its own kind, weights and cache, so nothing is
         switched or sliced per layer; compile time grows with depth (one decode step).
         """
         graphdef, _ = nnx.split(self.blocks)
-        weights = self.layer_weights() if weights is None else weights
+        if weights is None:  # each layer's slice of the stack, q, k and v apart (no copy made)
+            weights = tuple(DecodeLayer(block, None) for block in self._layer_states())
         updated = []
         for kind, layer, layer_cache in zip(self.kinds, weights, cache):
             window = attention_lib.decode_window(kind, self.layout, a, implementation)
