@@ -194,7 +194,7 @@ class DALLE(nnx.Module):
     def decode_step(self, token: jax.Array, a: jax.Array, cache, implementation="sparse", *,
                     weights=None):
         """Feed image token `a` (B,): (logits of token a+1 (B, image_vocab), cache).
-        `weights`: `decode_weights()` (default: each layer's slice of the stacked weights)."""
+        `weights`: `decode_weights()` (default: the stacked weights, layer by layer)."""
         g = self.cfg.grid_size
         x = (self.image_embed(token) + self.row_embed(a // g) + self.column_embed(a % g))[:, None]
         x, cache = self.stack.decode(x.astype(jnp.dtype(self.cfg.block.dtype)), cache, a,

@@ -9,8 +9,8 @@ not grow with depth (`scan_unroll` layers per loop iteration: a few small layers
 unrolled, without the loop's per-layer slicing and stacking). Layers of different kinds share
 one scan body: the kind of each layer is an index into the kinds the stack uses and
 `lax.switch` picks the attention, which only changes which keys a query sees (the projections
-are the same). Decoding one position against a key/value cache (`Stack.decode`) is the
-exception: its layers are unrolled, each reading its own weights and cache with its own kind.
+are the same). Decoding one position against a key/value cache (`Stack.decode`) can also run
+its layers unrolled, each reading its own weights and cache with its own kind.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def _remat(fn, policy: str):
 class DecodeLayer(NamedTuple):
     """One layer's weights as a decode step reads them (`Stack.layer_weights`)."""
     block: nnx.State
-    qkv: jax.Array | None  # Attention.fused_qkv(), or None: the block's own q, k, v
+    qkv: jax.Array  # Attention.fused_qkv()
 
 
 class Stack(nnx.Module):
@@ -219,10 +219,6 @@ class Stack(nnx.Module):
         x, (keys, values) = jax.lax.scan(layer, x, state)
         return x, keys, values
 
-    def _layer_states(self) -> list[nnx.State]:
-        _, state = nnx.split(self.blocks)
-        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(self.kinds))]
-
     def layer_weights(self) -> tuple[DecodeLayer, ...]:
         """Each layer's parameters as arrays of its own, q, k and v side by side, for `decode`.
 
@@ -231,9 +227,10 @@ class Stack(nnx.Module):
         token, as a scan over the layers does, since it does not hoist the slices out of the
         loop. Computed once per draw, before the loop.
         """
-        graphdef, _ = nnx.split(self.blocks)
+        graphdef, state = nnx.split(self.blocks)
+        blocks = [jax.tree.map(lambda x, i=i: x[i], state) for i in range(len(self.kinds))]
         return tuple(DecodeLayer(block, nnx.merge(graphdef, block).attention.fused_qkv())
-                     for block in self._layer_states())
+                     for block in blocks)
 
     def decode(self, x: jax.Array, cache: tuple[attention_lib.LayerCache, ...], a: jax.Array,
                implementation: str = "sparse", *, weights: tuple[DecodeLayer, ...] | None = None):
@@ -241,24 +238,36 @@ class Stack(nnx.Module):
 
         cache: one `LayerCache` per layer, its image entry `a` written in place. Each layer
         reads only what its kind lets it see ("sparse": the caption and the layer's window;
-        "dense": the whole cache, masked, as a reference). `weights`: `layer_weights()`,
-        computed once outside a loop of decode steps (default: each layer's slice of the
-        stacked weights, read here).
+        "dense": the whole cache, masked, as a reference).
 
-        The layers are unrolled, each with its own kind, weights and cache, so nothing is
-        switched or sliced per layer; compile time grows with depth (one decode step).
+        With `weights` (`layer_weights()`, computed once outside a loop of decode steps) the
+        layers are unrolled, each reading its own weights and cache with its own kind: nothing
+        is sliced or switched per layer (a CPU's way; compile time grows with depth). Without,
+        the layers are scanned over the stacked weights as in training, so one layer's weights
+        at a time are read (on a mesh: gathered; unrolled, XLA gathers every layer's at the
+        start of the step and holds them all), and a switch on the layer picks its cache.
         """
-        graphdef, _ = nnx.split(self.blocks)
-        if weights is None:  # each layer's slice of the stack, q, k and v apart (no copy made)
-            weights = tuple(DecodeLayer(block, None) for block in self._layer_states())
-        updated = []
-        for kind, layer, layer_cache in zip(self.kinds, weights, cache):
-            window = attention_lib.decode_window(kind, self.layout, a, implementation)
+        def attend_layer(i, q, k, v, cache):
+            layer_cache = attention_lib.cache_entry(cache[i], k, v, a)
+            window = attention_lib.decode_window(self.kinds[i], self.layout, a, implementation)
+            o = attention_lib.cached_attention(q, layer_cache, window)
+            return o, cache[:i] + (layer_cache,) + cache[i + 1:]
 
-            def attend(q, k, v, layer_cache=layer_cache, window=window):
-                layer_cache = attention_lib.cache_entry(layer_cache, k, v, a)
-                return attention_lib.cached_attention(q, layer_cache, window), layer_cache
+        graphdef, state = nnx.split(self.blocks)
+        if weights is not None:
+            for i, layer in enumerate(weights):
+                block = nnx.merge(graphdef, layer.block)
+                x, cache = block(x, lambda q, k, v, i=i: attend_layer(i, q, k, v, cache),
+                                 layer.qkv)
+            return x, cache
 
-            x, layer_cache = nnx.merge(graphdef, layer.block)(x, attend, layer.qkv)
-            updated.append(layer_cache)
-        return x, tuple(updated)
+        branches = [functools.partial(attend_layer, i) for i in range(len(self.kinds))]
+
+        def layer(carry, inputs):
+            x, cache = carry
+            block_state, i = inputs
+            block = nnx.merge(graphdef, block_state)
+            return block(x, lambda q, k, v: jax.lax.switch(i, branches, q, k, v, cache)), None
+
+        (x, cache), _ = jax.lax.scan(layer, (x, cache), (state, jnp.arange(len(self.kinds))))
+        return x, cache
