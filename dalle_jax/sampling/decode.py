@@ -105,7 +105,7 @@ def split_weights_by_default() -> bool:
     a CPU, where XLA copies a static slice of the stacked weights before the matmul that reads
     it, at every token (measured: BENCHMARKS.md, "Where a decode step's time goes"). The split
     holds a second copy of the stack's weights while sampling, so elsewhere, where device
-    memory is scarce, each step slices the stacked weights instead."""
+    memory is scarce, each step scans the stacked weights layer by layer instead."""
     return jax.default_backend() == "cpu"
 
 
